@@ -1,0 +1,75 @@
+--[[
+  Create a session, optionally with its system message(s) and initial context.
+  Input:
+    KEYS[1] messages list    <prefix>:{<shard>}:s:<sid>:msgs
+    KEYS[2] meta hash        <prefix>:{<shard>}:s:<sid>:meta
+    KEYS[3] message-id set   <prefix>:{<shard>}:s:<sid>:ids
+    ARGV[1] now (ms)
+    ARGV[2] session id
+    ARGV[3] token limit (positive integer)
+    ARGV[4] TTL (ms, 0 = none)
+    ARGV[5] if the session exists: "1" = leave it and return created 0, "0" = error
+    ARGV[6] n, the number of system messages; then for each message i (0-based), at 7 + 3i:
+            id, tokens, message JSON
+    then pairs of context field, JSON value (the initial context)
+  Output:
+    {created (1/0), meta (flat HGETALL), messages}
+      created 0: the session existed (ARGV[5] "1"); meta and messages are its current ones
+    error "CS_EXISTS ..."  the session exists and ARGV[5] is "0"
+    error "CS_BADARG ..."  malformed ARGV (only a caller bypassing the client sees this)
+]]
+local msgs, meta, ids = KEYS[1], KEYS[2], KEYS[3]
+local now, sid = tonumber(ARGV[1]), ARGV[2]
+local limit, ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
+if not now or sid == '' or not limit or limit < 1 or limit % 1 ~= 0 or not ttl or ttl < 0
+    or ttl % 1 ~= 0 or not n or n < 0 or n % 1 ~= 0 or (ARGV[5] ~= '0' and ARGV[5] ~= '1') then
+  return redis.error_reply('CS_BADARG create: malformed header arguments')
+end
+local ctx_start = 7 + 3 * n
+if #ARGV < ctx_start - 1 or (#ARGV - ctx_start + 1) % 2 ~= 0 then
+  return redis.error_reply('CS_BADARG create: wrong number of arguments')
+end
+local token_count = 0
+for i = 0, n - 1 do
+  local base = 7 + 3 * i
+  local tokens = tonumber(ARGV[base + 1])
+  if ARGV[base] == '' or not tokens or tokens < 0 or tokens % 1 ~= 0
+      or string.sub(ARGV[base + 2], 1, 1) ~= '{' then
+    return redis.error_reply('CS_BADARG create: malformed message ' .. (i + 1))
+  end
+  token_count = token_count + tokens
+end
+for i = ctx_start, #ARGV, 2 do
+  if ARGV[i] == '' then
+    return redis.error_reply('CS_BADARG create: empty context field')
+  end
+end
+
+if redis.call('EXISTS', meta) == 1 then
+  if ARGV[5] == '1' then
+    return {0, redis.call('HGETALL', meta), redis.call('LRANGE', msgs, 0, -1)}
+  end
+  return redis.error_reply('CS_EXISTS session ' .. sid .. ' already exists')
+end
+-- Leftovers of an expired session (keys expire one by one) must not leak into a new one.
+redis.call('DEL', msgs, ids)
+
+redis.call('HSET', meta, 'created_at', now, 'updated_at', now, 'token_count', token_count,
+  'message_count', n, 'token_limit', limit, 'ttl', ttl, 'head_count', n, 'state', 'idle',
+  'epoch', 0, 'appended', n)
+for i = 0, n - 1 do
+  local base = 7 + 3 * i
+  redis.call('SADD', ids, ARGV[base])
+  redis.call('RPUSH', msgs, ARGV[base + 2])
+end
+for i = ctx_start, #ARGV, 2 do
+  redis.call('HSET', meta, 'ctx:' .. ARGV[i], ARGV[i + 1])
+end
+if ttl > 0 then
+  redis.call('PEXPIRE', meta, ttl)
+  if n > 0 then
+    redis.call('PEXPIRE', msgs, ttl)
+    redis.call('PEXPIRE', ids, ttl)
+  end
+end
+return {1, redis.call('HGETALL', meta), redis.call('LRANGE', msgs, 0, -1)}

@@ -1,0 +1,26 @@
+--[[
+  Extend a compaction lease, only while the caller still holds it (its token matches).
+  Input:
+    KEYS[1] shard running    <prefix>:{<shard>}:run
+    KEYS[2] meta hash        <prefix>:{<shard>}:s:<sid>:meta
+    ARGV[1] session id
+    ARGV[2] lease token
+    ARGV[3] lease length (ms) from now
+  Output:
+    {1, new lease deadline (ms)}  extended
+    {0}  the lease was lost (expired and reaped, or taken over): stop, do not swap
+    error "CS_BADARG ..."  malformed ARGV
+]]
+local running, meta = KEYS[1], KEYS[2]
+local sid, token, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if sid == '' or token == '' or not lease_ms or lease_ms < 1 or lease_ms % 1 ~= 0 then
+  return redis.error_reply('CS_BADARG heartbeat: malformed arguments')
+end
+if redis.call('HGET', meta, 'lease') ~= token or not redis.call('ZSCORE', running, sid) then
+  return {0}
+end
+local t = redis.call('TIME')
+local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + lease_ms
+redis.call('ZADD', running, deadline, sid)
+redis.call('HSET', meta, 'lease_deadline', deadline)
+return {1, deadline}

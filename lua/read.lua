@@ -1,0 +1,84 @@
+--[[
+  Read what to send to the model: the session's head (leading system messages and the running
+  summary) and the newest messages that fit a token budget, never starting the window with a
+  tool result cut off from its tool call. The cost follows the budget, not the history length.
+  Input:
+    KEYS[1] messages list    <prefix>:{<shard>}:s:<sid>:msgs
+    KEYS[2] meta hash        <prefix>:{<shard>}:s:<sid>:meta
+    ARGV[1] session id (for error messages)
+    ARGV[2] budget in tokens (0 = the session's token limit)
+    ARGV[3] tokens added once per request (reply priming)
+    ARGV[4] messages fetched per LRANGE while walking back from the newest
+  Output:
+    {"OK", head messages, window messages (oldest first), used tokens, budget}
+    {"SMALL", head messages, {}, tokens the head and priming need, budget}
+      the budget cannot hold the head; the caller raises
+    error "CS_NOSESSION ..."  the session does not exist
+    error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this)
+]]
+local msgs, meta = KEYS[1], KEYS[2]
+local budget, priming, chunk = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if not budget or budget < 0 or budget % 1 ~= 0 or not priming or priming < 0
+    or not chunk or chunk < 1 or chunk % 1 ~= 0 then
+  return redis.error_reply('CS_BADARG read: malformed arguments')
+end
+local m = redis.call('HMGET', meta, 'token_limit', 'head_count', 'message_count')
+if not m[1] then
+  return redis.error_reply('CS_NOSESSION session ' .. ARGV[1] .. ' does not exist')
+end
+if budget == 0 then budget = tonumber(m[1]) end
+local head_count = tonumber(m[2]) or 0
+local total = tonumber(m[3]) or 0
+
+-- Records written by convstate start with {"tokens":N,"role":"...": read both without
+-- decoding the whole message. Anything else is decoded.
+local function cost(raw)
+  local tokens, role = string.match(raw, '^{"tokens":(%d+),"role":"(%a+)"')
+  if tokens then
+    return tonumber(tokens), role
+  end
+  local msg = cjson.decode(raw)
+  return tonumber(msg.tokens) or 0, msg.role
+end
+
+local used = priming
+local head = {}
+if head_count > 0 then
+  head = redis.call('LRANGE', msgs, 0, head_count - 1)
+  for _, raw in ipairs(head) do
+    used = used + cost(raw)
+  end
+end
+if used > budget then
+  return {'SMALL', head, {}, used, budget}
+end
+
+-- Walk back from the newest message, a chunk at a time, while messages fit.
+local picked, roles, costs = {}, {}, {}
+local stop = total - 1   -- index of the next message to look at
+local full = false
+while not full and stop >= head_count do
+  local start = math.max(head_count, stop - chunk + 1)
+  local part = redis.call('LRANGE', msgs, start, stop)
+  for i = #part, 1, -1 do
+    local tokens, role = cost(part[i])
+    if used + tokens > budget then
+      full = true
+      break
+    end
+    used = used + tokens
+    picked[#picked + 1] = part[i]
+    roles[#roles + 1] = role
+    costs[#costs + 1] = tokens
+  end
+  stop = start - 1
+end
+-- A window that starts with tool results lost their tool call: drop them.
+local last = #picked
+while last > 0 and roles[last] == 'tool' do
+  used = used - costs[last]
+  last = last - 1
+end
+local window = {}
+for i = last, 1, -1 do window[#window + 1] = picked[i] end
+return {'OK', head, window, used, budget}

