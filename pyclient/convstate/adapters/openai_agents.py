@@ -1,0 +1,432 @@
+"""OpenAI Agents SDK session backed by convstate: :class:`ConvstateSession`.
+
+Needs ``openai-agents`` (``pip install 'convstate[agents]'``). It implements the SDK's
+``Session`` protocol, so apps switch with one line, the ``session=`` argument::
+
+    from agents import Agent, Runner
+
+    from convstate import AsyncConversationStore
+    from convstate.adapters.openai_agents import ConvstateSession
+
+    store = AsyncConversationStore.from_url("redis://localhost:6379/0",
+                                            token_limit=8_000, model="gpt-4o")
+    agent = Agent(name="Assistant", instructions="Reply very concisely.")
+    result = await Runner.run(agent, "Plan a trip to Kyoto.",
+                              session=ConvstateSession("chat-42", store))  # <- the one line
+
+**How items are stored.** Each Responses-API input item becomes one convstate message: a chat
+view of the item, which convstate counts tokens on and which the compaction daemon plans and
+summarizes (and ``store.get_context`` returns), plus the original item, unchanged, in the
+record's ``item`` field, which :meth:`ConvstateSession.get_items` returns. So items come back
+exactly as they were added (the SDK compares them when it recovers interrupted writes). The
+chat view of an item:
+
+==============================================  =================================================
+item                                            chat view
+==============================================  =================================================
+``{"role": r, "content": ...}`` (``message``)   role ``r``; text parts as ``{"type": "text"}``
+                                                parts, other parts (images, files, audio) as a
+                                                ``[input_image]``-style placeholder text
+``function_call`` (and other ``*_call`` items   ``assistant`` with one ``tool_calls`` entry
+with a ``call_id``)                             (``id`` = ``call_id``, name, arguments)
+``function_call_output`` (and other             ``tool`` with ``tool_call_id`` = ``call_id`` and
+``*_output`` items with a ``call_id``)          the output as content
+``reasoning``                                   ``assistant`` with the reasoning summary's text
+anything else (hosted tool calls, MCP items,    ``assistant`` with the item's JSON as content
+references, compaction items)                   (strings over 4096 characters elided)
+==============================================  =================================================
+
+Token counts are therefore of the text the model sees, not of images or files (counted as
+their placeholder) or encrypted reasoning.
+
+**Compaction.** When ``convstate daemon`` compacts the session, the folded items are replaced
+by the rolling summary, which :meth:`~ConvstateSession.get_items` returns as
+``{"role": "system", "content": <summary>}``; the kept tail never starts with a tool output
+whose call was folded. Messages that other convstate clients appended without an item are
+converted back (an assistant message with tool calls becomes its text message, if any, and one
+``function_call`` item per call; ``limit`` still counts items).
+
+**pop_item** removes the newest record atomically with ``WATCH``/``MULTI`` on the session's
+message list and meta hash (``RPOP``, forget its id, lower the token and message totals, and the
+head count when the record belonged to the head), retrying when a concurrent write (an append,
+a compaction swap) touched the session in between; see :meth:`ConvstateSession.pop_item`.
+
+**Missing sessions.** With ``create=True`` (the default) a missing session reads as empty and
+the first ``add_items`` creates it with the store's defaults. With ``create=False``
+``get_items`` and ``add_items`` raise :class:`~convstate.errors.SessionNotFoundError` for a
+missing (or expired) session: create it with ``store.create_session(...)`` first.
+``pop_item`` of a missing session returns None. ``clear_session`` deletes the session (its
+system message(s), context and limit included).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+try:
+    from agents.items import TResponseInputItem
+    from agents.memory import SessionSettings
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "convstate.adapters.openai_agents needs openai-agents: pip install 'convstate[agents]'"
+    ) from exc
+from redis.exceptions import WatchError
+
+from convstate.client import AsyncConversationStore
+from convstate.errors import (
+    ConfigurationError,
+    ConvstateError,
+    InvalidMessageError,
+    SessionNotFoundError,
+)
+from convstate.keys import validate_session_id
+from convstate.operations import now_ms
+from convstate.planner import SUMMARY_KIND
+
+if TYPE_CHECKING:
+    from agents.memory import Session
+
+__all__ = ["ConvstateSession", "item_to_message", "record_to_items"]
+
+#: Field of a stored record holding the original Responses-API item.
+ITEM_FIELD = "item"
+#: Attempts of :meth:`ConvstateSession.pop_item` before it gives up under constant contention.
+MAX_POP_ATTEMPTS = 100
+#: Strings longer than this are elided from the JSON chat view of other items.
+_MAX_RENDERED_STRING = 4096
+_MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
+
+
+# -- items -> chat messages --------------------------------------------------------------------
+
+
+def _elide(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > _MAX_RENDERED_STRING:
+        return f"[{len(value)} characters]"
+    if isinstance(value, Mapping):
+        return {k: _elide(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_elide(v) for v in value]
+    return value
+
+
+def _render(value: Any) -> str:
+    """Compact JSON of ``value`` with long strings elided (the chat view of other items)."""
+    try:
+        return json.dumps(_elide(value), ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessageError(f"item is not JSON-serializable: {exc}") from exc
+
+
+def _part_text(part: Mapping[str, Any]) -> str | None:
+    """The text of a text-like content part, else None."""
+    ptype = part.get("type")
+    if ptype in _TEXT_PARTS and isinstance(part.get("text"), str):
+        return cast("str", part["text"])
+    if ptype == "refusal" and isinstance(part.get("refusal"), str):
+        return cast("str", part["refusal"])
+    return None
+
+
+def _chat_content(content: Any) -> str | list[Any]:
+    """Responses content (a string or a list of parts) -> chat content."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        return _render(content)
+    parts: list[Any] = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+        elif isinstance(part, Mapping):
+            text = _part_text(part)
+            if text is None:
+                text = f"[{part.get('type') or 'part'}]"
+            parts.append({"type": "text", "text": text})
+        else:
+            parts.append({"type": "text", "text": _render(part)})
+    return parts
+
+
+def _chat_view(item: Mapping[str, Any]) -> dict[str, Any]:
+    itype = item.get("type")
+    role = item.get("role")
+    if itype in (None, "message") and role in _MESSAGE_ROLES:
+        return {"role": role, "content": _chat_content(item.get("content"))}
+    call_id = item.get("call_id")
+    if isinstance(itype, str) and isinstance(call_id, str) and call_id:
+        if itype.endswith("_output"):
+            return {"role": "tool", "tool_call_id": call_id, "content": _output(item)}
+        if itype.endswith("_call"):
+            name = item.get("name")
+            return {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {
+                            "name": name if isinstance(name, str) and name else itype,
+                            "arguments": _arguments(item),
+                        },
+                    }
+                ],
+            }
+    if itype == "reasoning":
+        summary = item.get("summary")
+        texts = [
+            text
+            for part in (summary if isinstance(summary, list) else [])
+            if isinstance(part, Mapping) and (text := _part_text(part)) is not None
+        ]
+        return {"role": "assistant", "content": "\n".join(texts)}
+    return {"role": "assistant", "content": _render(item)}
+
+
+def _output(item: Mapping[str, Any]) -> str | list[Any]:
+    output = item.get("output")
+    if isinstance(output, (str, list)):
+        return _chat_content(output)
+    return _render(output)
+
+
+def _arguments(item: Mapping[str, Any]) -> str:
+    for key in ("arguments", "input"):
+        value = item.get(key)
+        if isinstance(value, str):
+            return value
+    return _render({k: v for k, v in item.items() if k not in ("type", "id", "call_id", "status")})
+
+
+def item_to_message(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses-API input item -> the convstate message storing it (chat view + item)."""
+    if not isinstance(item, Mapping):
+        raise InvalidMessageError(f"a session item must be a dict, not {type(item).__name__}")
+    message = _chat_view(item)
+    message[ITEM_FIELD] = item
+    return message
+
+
+# -- stored records -> items -------------------------------------------------------------------
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+        return "".join(texts)
+    return "" if content is None else _render(content)
+
+
+def _input_content(content: Any) -> Any:
+    """Chat content -> Responses input content (text and image parts converted)."""
+    if not isinstance(content, list):
+        return "" if content is None else content
+    parts: list[Any] = []
+    for part in content:
+        if isinstance(part, Mapping) and part.get("type") == "text":
+            parts.append({"type": "input_text", "text": part.get("text", "")})
+        elif isinstance(part, Mapping) and part.get("type") == "image_url":
+            image = part.get("image_url")
+            image = image if isinstance(image, Mapping) else {"url": image}
+            parts.append(
+                {
+                    "type": "input_image",
+                    "image_url": image.get("url"),
+                    "detail": image.get("detail") or "auto",
+                }
+            )
+        elif isinstance(part, str):
+            parts.append({"type": "input_text", "text": part})
+        else:
+            parts.append(part)
+    return parts
+
+
+def record_to_items(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A stored record -> its item(s): the original item when the adapter stored it, a system
+    message for a compaction summary, else a conversion of the chat message."""
+    if record.get("kind") == SUMMARY_KIND:
+        return [{"role": "system", "content": _text(record.get("content"))}]
+    item = record.get(ITEM_FIELD)
+    if isinstance(item, dict):
+        return [item]
+    role = record.get("role")
+    content = record.get("content")
+    if role in ("tool", "function"):
+        call_id = record.get("tool_call_id") if role == "tool" else record.get("name")
+        return [
+            {"type": "function_call_output", "call_id": call_id or "", "output": _text(content)}
+        ]
+    if role == "assistant":
+        items: list[dict[str, Any]] = []
+        text = _text(content)
+        if text or not record.get("tool_calls"):
+            items.append({"role": "assistant", "content": text})
+        for call in record.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, Mapping) else None
+            function = function if isinstance(function, Mapping) else {}
+            arguments = function.get("arguments")
+            items.append(
+                {
+                    "type": "function_call",
+                    "call_id": call.get("id", "") if isinstance(call, Mapping) else "",
+                    "name": function.get("name") or "",
+                    "arguments": arguments if isinstance(arguments, str) else _render(arguments),
+                }
+            )
+        return items
+    return [
+        {"role": role if role in _MESSAGE_ROLES else "user", "content": _input_content(content)}
+    ]
+
+
+def _items(records: Sequence[Any]) -> list[TResponseInputItem]:
+    return [cast("TResponseInputItem", i) for r in records for i in record_to_items(r)]
+
+
+# -- the session -------------------------------------------------------------------------------
+
+
+class ConvstateSession:
+    """An OpenAI Agents SDK ``Session`` kept in a convstate session (see the module docs).
+
+    Args:
+        session_id: the convstate session (the SDK's ``session_id``).
+        store: the :class:`~convstate.AsyncConversationStore` holding it.
+        create: a missing session reads as empty and is created by the first ``add_items``
+            (True), or raises :class:`~convstate.errors.SessionNotFoundError` (False).
+        session_settings: the SDK's ``SessionSettings``; its ``limit`` is the default of
+            :meth:`get_items`.
+    """
+
+    session_id: str
+    session_settings: SessionSettings | None = None
+
+    def __init__(
+        self,
+        session_id: str,
+        store: AsyncConversationStore,
+        *,
+        create: bool = True,
+        session_settings: SessionSettings | None = None,
+    ) -> None:
+        if not isinstance(store, AsyncConversationStore):
+            raise ConfigurationError(
+                f"store must be an AsyncConversationStore (the Agents SDK is async), "
+                f"not {type(store).__name__}"
+            )
+        self.session_id = validate_session_id(session_id)
+        self.store = store
+        self.create = create
+        self.session_settings = session_settings
+        self._keys = store.ops.session_keys(session_id)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(session_id={self.session_id!r}, create={self.create!r})"
+
+    def _missing(self) -> list[TResponseInputItem]:
+        if self.create:
+            return []
+        raise SessionNotFoundError(f"session {self.session_id} does not exist")
+
+    async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
+        """The session's items, oldest first; with ``limit``, the latest ``limit`` of them.
+
+        ``limit`` defaults to ``session_settings.limit``; ``limit <= 0`` returns ``[]``. One
+        round trip; with a limit only the newest ``limit`` records are read.
+        """
+        if limit is None and self.session_settings is not None:
+            limit = self.session_settings.limit
+        if limit is None:
+            try:
+                records = await self.store.get_messages(self.session_id)
+            except SessionNotFoundError:
+                return self._missing()
+            return _items(records)
+        if limit <= 0:
+            return []
+        async with self.store.redis.pipeline(transaction=True) as pipe:
+            pipe.exists(self._keys.meta)
+            pipe.lrange(self._keys.msgs, -limit, -1)
+            exists, raw = await pipe.execute()
+        if not exists:
+            return self._missing()
+        return _items([json.loads(r) for r in raw])[-limit:]
+
+    async def add_items(self, items: list[TResponseInputItem]) -> None:
+        """Append ``items`` atomically, in one round trip (all or none)."""
+        if items:
+            messages = [item_to_message(cast("Mapping[str, Any]", item)) for item in items]
+            await self.store.append_many(self.session_id, messages, create=self.create)
+
+    async def pop_item(self) -> TResponseInputItem | None:
+        """Remove the newest item and return it; None if the session is empty or missing.
+
+        Atomic against concurrent appends and compactions: under ``WATCH`` of the message list
+        and the meta hash it reads the newest record and the totals, then ``MULTI``: ``RPOP``
+        the record, ``SREM`` its id (so it may be added again), ``HINCRBY`` ``token_count`` by
+        minus its tokens and ``message_count`` by -1, lower ``head_count`` if the record was in
+        the head (a system message or the summary with nothing after it), set ``updated_at``
+        and refresh the TTL. A write by anyone in between fails the ``EXEC`` and the pop is
+        retried (up to :data:`MAX_POP_ATTEMPTS` times). Removing a summary removes the
+        compacted history it stands for. A record another client stored that reads as several
+        items (an assistant message with tool calls) is removed whole; its last item is
+        returned.
+        """
+        keys = self._keys
+        async with self.store.redis.pipeline(transaction=True) as pipe:
+            for _ in range(MAX_POP_ATTEMPTS):
+                try:
+                    await pipe.watch(keys.msgs, keys.meta)
+                    raw = await pipe.lindex(keys.msgs, -1)
+                    count, head, ttl = await pipe.hmget(
+                        keys.meta, ["message_count", "head_count", "ttl"]
+                    )
+                    if raw is None or count is None:
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+                        return None
+                    record = json.loads(raw)
+                    message_count, head_count, ttl_ms = int(count), int(head or 0), int(ttl or 0)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.rpop(keys.msgs)
+                    if isinstance(record.get("id"), str):
+                        pipe.srem(keys.ids, record["id"])
+                    pipe.hincrby(keys.meta, "token_count", -int(record.get("tokens") or 0))
+                    pipe.hincrby(keys.meta, "message_count", -1)
+                    pipe.hset(keys.meta, "updated_at", now_ms())
+                    if head_count >= message_count:  # the popped record was in the head
+                        pipe.hset(keys.meta, "head_count", max(0, head_count - 1))
+                    if ttl_ms > 0:
+                        for key in (keys.msgs, keys.meta, keys.ids):
+                            pipe.pexpire(key, ttl_ms)
+                    await pipe.execute()
+                except WatchError:
+                    continue
+                return _items([record])[-1]
+        raise ConvstateError(
+            f"pop_item on session {self.session_id!r} lost the race to concurrent writes "
+            f"{MAX_POP_ATTEMPTS} times in a row; try again"
+        )
+
+    async def clear_session(self) -> None:
+        """Delete the session (items, system message(s), context and limit)."""
+        await self.store.delete_session(self.session_id)
+
+
+if TYPE_CHECKING:
+    # Static proof that ConvstateSession implements the SDK's Session protocol.
+    def _conforms(session: ConvstateSession) -> Session:
+        return session
