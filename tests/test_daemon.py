@@ -613,6 +613,71 @@ async def test_pubsub_wakeup_claims_within_a_second(
     assert task.exception() is None
 
 
+async def test_start_sweeps_every_shard_at_once(
+    ar: redis.asyncio.Redis, store: ConversationStore, redis_url: str, prefix: str
+) -> None:
+    """Sessions flagged while no daemon listened are found by the start-up sweep of every
+    shard, not by the slow backstop: sweep_interval=60 over 8 shards visits one shard in
+    7.5 s, so eight flags in eight shards claimed within 3 s were found by the full sweep."""
+    schema = KeySchema(prefix, SHARDS)
+    by_shard: dict[int, str] = {}
+    for i in itertools.count():
+        by_shard.setdefault(schema.shard_of(f"early-{i}"), f"early-{i}")
+        if len(by_shard) == SHARDS:
+            break
+    for sid in by_shard.values():
+        flag_session(store, sid)
+    daemon = Daemon(
+        DaemonSettings(
+            redis_url=redis_url,
+            prefix=prefix,
+            shards=SHARDS,
+            sweep_interval=60.0,
+            http_port=-1,
+            encoding=ENCODING,
+            concurrency=SHARDS,
+        )
+    )
+    task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+    try:
+        deadline = time.monotonic() + 3.0
+        unclaimed = set(by_shard.values())
+        while unclaimed and time.monotonic() < deadline and not task.done():
+            for sid in list(unclaimed):
+                if await ar.hget(schema.session(sid).meta, "claimed_at") is not None:
+                    unclaimed.discard(sid)
+            await asyncio.sleep(0.02)
+        assert not unclaimed, f"not claimed within 3 s of the start: {sorted(unclaimed)}"
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 10)
+    assert task.exception() is None
+
+
+async def test_a_dead_background_task_makes_the_daemon_unready(
+    redis_url: str, prefix: str
+) -> None:
+    """/readyz must not stay 200 when the listener or the sweeper has died."""
+    daemon = Daemon(
+        DaemonSettings(
+            redis_url=redis_url, prefix=prefix, shards=SHARDS, http_port=-1, encoding=ENCODING
+        )
+    )
+    task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+    try:
+        started = asyncio.ensure_future(daemon.started.wait())
+        await asyncio.wait({started, task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert daemon.started.is_set(), "the daemon did not start within 10 s"
+        assert daemon.ready
+        sweeper = next(t for t in daemon._background if t.get_name() == "sweep")
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        assert not daemon.ready
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 10)
+
+
 # -- 2. two daemons --------------------------------------------------------------------------
 
 

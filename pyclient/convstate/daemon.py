@@ -31,6 +31,7 @@ import redis.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from convstate.compactor import Claim, Compactor, CompactorConfig, Outcome
@@ -44,8 +45,17 @@ from convstate.tokens import TiktokenCounter, TokenCounter
 log = logging.getLogger(__name__)
 
 
+#: Query parameters redis-py reads secrets from: the server password and the TLS key passphrase.
+_SECRET_QUERY_KEYS = frozenset({"password", "ssl_password"})
+
+#: What a Redis call can raise that a long-running task must survive: error replies (NOPERM,
+#: READONLY during a failover, OOM, NOSCRIPT races), lost connections, cluster reshuffles.
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password (in the userinfo or a ``password=`` query) as ``***``."""
+    """``url`` with any secret (the userinfo password, a ``password=`` or ``ssl_password=``
+    query parameter) as ``***``."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:
@@ -53,7 +63,7 @@ def redact_url(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{hostport}"
     query = "&".join(
-        f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
+        f"{key}=***" if key.lower() in _SECRET_QUERY_KEYS else f"{key}={value}" if sep else key
         for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
     )
     if netloc == parts.netloc and query == parts.query:
@@ -306,6 +316,8 @@ class Daemon:
         self._workers: dict[asyncio.Task[None], _Worker] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._sweep_all = False  # set by the listener once subscribed: nothing flagged is missed
+        self._sweep_now = asyncio.Event()  # wakes the sweeper at once for _sweep_all
+        self._background: list[asyncio.Task[None]] = []
         self.http: HealthServer | None = None
         self.started = asyncio.Event()
 
@@ -313,7 +325,12 @@ class Daemon:
 
     @property
     def ready(self) -> bool:
-        return self._subscribed and not self._stopping.is_set()
+        """Subscribed to wake-ups, not stopping, and no background task has died."""
+        return (
+            self._subscribed
+            and not self._stopping.is_set()
+            and not any(task.done() for task in self._background)
+        )
 
     def request_stop(self) -> None:
         """First call: drain within the grace period. Second call: stop now."""
@@ -357,8 +374,8 @@ class Daemon:
             state.busy = True
             try:
                 claim = await self.compactor.claim_next(shard)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("claim on shard %d failed: %s; will retry", shard, exc)
+            except _REDIS_ERRORS as exc:  # READONLY in a failover, NOPERM, a lost connection
+                log.warning("claim on shard %d failed: %s; will retry in 1s", shard, exc)
                 self._wake_later(shard, 1.0)
                 state.busy = False
                 continue
@@ -374,7 +391,7 @@ class Daemon:
             self.metrics.running.inc()
             try:
                 outcome = await self.compactor.compact(claim)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except _REDIS_ERRORS as exc:
                 log.warning(
                     "compaction of %r hit a Redis error: %s; the lease will expire "
                     "and the session be retried",
@@ -417,13 +434,27 @@ class Daemon:
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+            except _REDIS_ERRORS as exc:  # e.g. NOPERM: the ACL user may not SUBSCRIBE
+                self._subscribed = False
+                log.error(
+                    "cannot subscribe to %s: %s; the daemon stays not ready (/readyz 503) "
+                    "until it can. Check the ACL user's channel and command rights "
+                    "(README: Security). Retrying in %.1fs",
+                    self.schema.wake_channel,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
             finally:
                 self._subscribed = False
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
     def sweep_all_soon(self) -> None:
+        """Sweep every shard now (not at the next tick): anything flagged while not listening."""
         self._sweep_all = True
+        self._sweep_now.set()
 
     async def _sweep_shard(self, shard: int) -> None:
         status = await self.compactor.peek(shard)
@@ -454,10 +485,23 @@ class Daemon:
                 for shard in batch:
                     await self._sweep_shard(shard)
                 self._update_depth()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("sweep failed: %s", exc)
+            except _REDIS_ERRORS as exc:  # keep sweeping: it is the backstop and the reaper
+                log.warning("sweep failed: %s; retrying at the next tick", exc)
+            if self._sweep_all:
+                continue
+            self._sweep_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=tick)
+                await asyncio.wait_for(self._wake_sweeper(), timeout=tick)
+
+    async def _wake_sweeper(self) -> None:
+        """Return when stopping or when :meth:`sweep_all_soon` asks for a full sweep."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        sweep = asyncio.ensure_future(self._sweep_now.wait())
+        try:
+            await asyncio.wait({stopping, sweep}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            sweep.cancel()
 
     def _update_depth(self) -> None:
         self.metrics.queue_depth.set(sum(q for q, _ in self._depth.values()))
@@ -486,7 +530,7 @@ class Daemon:
             self.http = HealthServer(s.http_host, s.http_port, self.metrics, lambda: self.ready)
             self.http.start()
             log.info("http on %s:%d (/healthz /readyz /metrics)", s.http_host, self.http.port)
-        background = [
+        background = self._background = [
             asyncio.create_task(self._listen(), name="listen"),
             asyncio.create_task(self._sweeper(), name="sweep"),
         ]
@@ -567,7 +611,7 @@ class Daemon:
             log.info("gave back the lease of session %r", claim.session_id)
         except LeaseLostError:
             pass  # the swap committed, or the lease expired: nothing to give back
-        except (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError) as exc:
+        except (*_REDIS_ERRORS, asyncio.TimeoutError) as exc:
             log.warning("could not give back %r (%s); its lease will expire", claim.session_id, exc)
 
 
