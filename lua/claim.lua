@@ -7,7 +7,7 @@
     KEYS[2] shard running    <prefix>:{<shard>}:run
     KEYS[3] meta hash        <prefix>:{<shard>}:s:<sid>:meta
     ARGV[1] session id
-    ARGV[2] lease length (ms)
+    ARGV[2] lease length (ms, an integer in 1..2^53-1)
     ARGV[3] lease token (random, unique per claim)
   Output:
     {1, attempts, epoch, lease deadline (ms), queued-at (ms), token limit}  claimed
@@ -17,7 +17,8 @@
 ]]
 local queue, running, meta = KEYS[1], KEYS[2], KEYS[3]
 local sid, lease_ms, token = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-if sid == '' or not lease_ms or lease_ms < 1 or lease_ms % 1 ~= 0 or token == '' then
+if not sid or sid == '' or not (lease_ms and lease_ms >= 1 and lease_ms <= 9007199254740991
+    and lease_ms % 1 == 0) or not token or token == '' then
   return redis.error_reply('CS_BADARG claim: malformed arguments')
 end
 local t = redis.call('TIME')

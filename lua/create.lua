@@ -11,18 +11,25 @@
     ARGV[5] if the session exists: "1" = leave it and return created 0, "0" = error
     ARGV[6] n, the number of system messages; then for each message i (0-based), at 7 + 3i:
             id, tokens, message JSON
-    then pairs of context field, JSON value (the initial context)
+    then pairs of context field, JSON value (the initial context; an empty value sets no field)
+    Every number is an integer in 0..2^53-1 (MAX, the largest a Lua number holds exactly).
   Output:
     {created (1/0), meta (flat HGETALL), messages}
       created 0: the session existed (ARGV[5] "1"); meta and messages are its current ones
     error "CS_EXISTS ..."  the session exists and ARGV[5] is "0"
-    error "CS_BADARG ..."  malformed ARGV (only a caller bypassing the client sees this)
+    error "CS_BADARG ..."  malformed ARGV (only a caller bypassing the client sees this), or
+                           system messages of more than MAX tokens
+  A rejected call writes nothing.
 ]]
+local MAX = 9007199254740991  -- 2^53 - 1
 local msgs, meta, ids = KEYS[1], KEYS[2], KEYS[3]
 local now, sid = tonumber(ARGV[1]), ARGV[2]
 local limit, ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
-if not now or sid == '' or not limit or limit < 1 or limit % 1 ~= 0 or not ttl or ttl < 0
-    or ttl % 1 ~= 0 or not n or n < 0 or n % 1 ~= 0 or (ARGV[5] ~= '0' and ARGV[5] ~= '1') then
+-- Each number check is written so that NaN (false in every comparison) fails it.
+if not (now and now >= 0 and now <= MAX and now % 1 == 0) or not sid or sid == ''
+    or not (limit and limit >= 1 and limit <= MAX and limit % 1 == 0)
+    or not (ttl and ttl >= 0 and ttl <= MAX and ttl % 1 == 0)
+    or not (n and n >= 0 and n <= MAX and n % 1 == 0) or (ARGV[5] ~= '0' and ARGV[5] ~= '1') then
   return redis.error_reply('CS_BADARG create: malformed header arguments')
 end
 local ctx_start = 7 + 3 * n
@@ -33,11 +40,14 @@ local token_count = 0
 for i = 0, n - 1 do
   local base = 7 + 3 * i
   local tokens = tonumber(ARGV[base + 1])
-  if ARGV[base] == '' or not tokens or tokens < 0 or tokens % 1 ~= 0
+  if ARGV[base] == '' or not (tokens and tokens >= 0 and tokens <= MAX and tokens % 1 == 0)
       or string.sub(ARGV[base + 2], 1, 1) ~= '{' then
     return redis.error_reply('CS_BADARG create: malformed message ' .. (i + 1))
   end
   token_count = token_count + tokens
+end
+if token_count > MAX then
+  return redis.error_reply('CS_BADARG create: the token total would pass 2^53 - 1')
 end
 for i = ctx_start, #ARGV, 2 do
   if ARGV[i] == '' then
@@ -63,7 +73,9 @@ for i = 0, n - 1 do
   redis.call('RPUSH', msgs, ARGV[base + 2])
 end
 for i = ctx_start, #ARGV, 2 do
-  redis.call('HSET', meta, 'ctx:' .. ARGV[i], ARGV[i + 1])
+  if ARGV[i + 1] ~= '' then
+    redis.call('HSET', meta, 'ctx:' .. ARGV[i], ARGV[i + 1])
+  end
 end
 if ttl > 0 then
   redis.call('PEXPIRE', meta, ttl)

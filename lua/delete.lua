@@ -11,7 +11,11 @@
     ARGV[1] session id (the queue member)
   Output:
     1 if the session existed, 0 if not
+    error "CS_BADARG ..."  ARGV[1] missing or empty (nothing deleted)
 ]]
+if not ARGV[1] or ARGV[1] == '' then
+  return redis.error_reply('CS_BADARG delete: malformed arguments')
+end
 local existed = redis.call('EXISTS', KEYS[2])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[6])
 redis.call('ZREM', KEYS[4], ARGV[1])

@@ -5,7 +5,7 @@
     KEYS[2] meta hash        <prefix>:{<shard>}:s:<sid>:meta
     ARGV[1] session id
     ARGV[2] lease token
-    ARGV[3] lease length (ms) from now
+    ARGV[3] lease length (ms) from now (an integer in 1..2^53-1)
   Output:
     {1, new lease deadline (ms)}  extended
     {0}  the lease was lost (expired and reaped, or taken over): stop, do not swap
@@ -13,7 +13,8 @@
 ]]
 local running, meta = KEYS[1], KEYS[2]
 local sid, token, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if sid == '' or token == '' or not lease_ms or lease_ms < 1 or lease_ms % 1 ~= 0 then
+if not sid or sid == '' or not token or token == '' or not (lease_ms and lease_ms >= 1
+    and lease_ms <= 9007199254740991 and lease_ms % 1 == 0) then
   return redis.error_reply('CS_BADARG heartbeat: malformed arguments')
 end
 if redis.call('HGET', meta, 'lease') ~= token or not redis.call('ZSCORE', running, sid) then

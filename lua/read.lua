@@ -8,7 +8,8 @@
     ARGV[1] session id (for error messages)
     ARGV[2] budget in tokens (0 = the session's token limit)
     ARGV[3] tokens added once per request (reply priming)
-    ARGV[4] messages fetched per LRANGE while walking back from the newest
+    ARGV[4] messages fetched per LRANGE while walking back from the newest (>= 1)
+    Every number is an integer in 0..2^53-1 (MAX, the largest a Lua number holds exactly).
   Output:
     {"OK", head messages, window messages (oldest first), used tokens, budget}
     {"SMALL", head messages, {}, tokens the head and priming need, budget}
@@ -16,10 +17,13 @@
     error "CS_NOSESSION ..."  the session does not exist
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this)
 ]]
+local MAX = 9007199254740991  -- 2^53 - 1
 local msgs, meta = KEYS[1], KEYS[2]
 local budget, priming, chunk = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if not budget or budget < 0 or budget % 1 ~= 0 or not priming or priming < 0
-    or not chunk or chunk < 1 or chunk % 1 ~= 0 then
+-- Each number check is written so that NaN (false in every comparison) fails it.
+if not (budget and budget >= 0 and budget <= MAX and budget % 1 == 0)
+    or not (priming and priming >= 0 and priming <= MAX and priming % 1 == 0)
+    or not (chunk and chunk >= 1 and chunk <= MAX and chunk % 1 == 0) or not ARGV[1] then
   return redis.error_reply('CS_BADARG read: malformed arguments')
 end
 local m = redis.call('HMGET', meta, 'token_limit', 'head_count', 'message_count')

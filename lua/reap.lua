@@ -8,7 +8,7 @@
     KEYS[3] meta hash        <prefix>:{<shard>}:s:<sid>:meta
     KEYS[4] shard dead set   <prefix>:{<shard>}:dead
     ARGV[1] session id
-    ARGV[2] maximum attempts
+    ARGV[2] maximum attempts (an integer in 1..2^53-1)
   Output:
     {1, new state ("queued" or "dead")}  reaped
     {0}   the lease has not expired (or the session is not running)
@@ -17,7 +17,9 @@
 ]]
 local queue, running, meta, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local sid, max_attempts = ARGV[1], tonumber(ARGV[2])
-if sid == '' or not max_attempts or max_attempts < 1 then
+if not sid or sid == ''
+    or not (max_attempts and max_attempts >= 1 and max_attempts <= 9007199254740991
+      and max_attempts % 1 == 0) then
   return redis.error_reply('CS_BADARG reap: malformed arguments')
 end
 local t = redis.call('TIME')

@@ -8,14 +8,17 @@
     ARGV[2] session id (for error messages)
     ARGV[3] "1" = replace the whole context, "0" = merge into it
     then pairs of field, JSON value; an empty value removes the field
+    now is an integer in 0..2^53-1 (the largest a Lua number holds exactly).
   Output:
     number of context fields after the update
     error "CS_NOSESSION ..."  the session does not exist
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this)
 ]]
+local MAX = 9007199254740991  -- 2^53 - 1
 local msgs, meta, ids = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
-if not now or (ARGV[3] ~= '0' and ARGV[3] ~= '1') or (#ARGV - 3) % 2 ~= 0 then
+if not (now and now >= 0 and now <= MAX and now % 1 == 0) or not ARGV[2]
+    or (ARGV[3] ~= '0' and ARGV[3] ~= '1') or (#ARGV - 3) % 2 ~= 0 then
   return redis.error_reply('CS_BADARG update_context: malformed arguments')
 end
 for i = 4, #ARGV, 2 do

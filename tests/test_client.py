@@ -11,11 +11,14 @@ import redis
 from convstate import AsyncConversationStore, ConversationStore
 from convstate.errors import (
     ConfigurationError,
+    ContextTooLargeError,
+    InvalidContextError,
     InvalidLimitError,
     InvalidMessageError,
     InvalidSessionIdError,
     MessageTooLargeError,
     SessionExistsError,
+    SessionFullError,
     SessionNotFoundError,
     ShardCountMismatchError,
     ValidationError,
@@ -262,6 +265,31 @@ BAD_INPUT: list[tuple[str, Call, type[Exception]]] = [
         ValidationError,
     ),
     (
+        "context value over max_message_bytes",
+        lambda s: s.update_context("s", {"k": "x" * 2000}),
+        ContextTooLargeError,
+    ),
+    (
+        "context value with a lone surrogate",
+        lambda s: s.update_context("s", {"k": "a\ud800"}),
+        InvalidContextError,
+    ),
+    (
+        "session id that is not hashable",
+        lambda s: s.append(["s"], {"role": "user", "content": "x"}),  # type: ignore[arg-type]
+        InvalidSessionIdError,
+    ),
+    (
+        "system that is neither text nor a list",
+        lambda s: s.create_session("n", system=5),  # type: ignore[arg-type]
+        InvalidMessageError,
+    ),
+    (
+        "limit too large for the scripts",
+        lambda s: s.create_session("n", token_limit=2**53),
+        InvalidLimitError,
+    ),
+    (
         "update_context of a missing session",
         lambda s: s.update_context("missing", {"k": 1}),
         SessionNotFoundError,
@@ -290,3 +318,45 @@ def test_errors_are_convstate_errors_and_say_what_to_do(store: ConversationStore
         store.append("s", {"role": "user", "content": "x" * 3000}, create=True)
     with pytest.raises(ConvstateError, match="tool_call_id"):
         store.append("s", {"role": "tool", "content": "x"}, create=True)
+
+
+def test_create_session_counts_its_system_messages_against_max_messages(
+    redis_url: str, r: redis.Redis, prefix: str
+) -> None:
+    with ConversationStore.from_url(
+        redis_url, token_limit=1000, encoding=ENC, prefix=prefix, max_messages=2
+    ) as store:
+        store.create_session("first")
+        before = dump(r, prefix)
+        with pytest.raises(SessionFullError, match=r"the maximum is 2 \(max_messages\)"):
+            store.create_session("s", system=["one", "two", {"role": "system", "content": "3"}])
+        assert dump(r, prefix) == before
+        assert not store.exists("s")
+        # As many as the maximum is fine: the session is full from the start.
+        state = store.create_session("s", system=["one", "two"])
+        assert state.meta.message_count == 2
+        with pytest.raises(SessionFullError, match=r"holds 2 messages; .* \(max_messages\)"):
+            store.append("s", {"role": "user", "content": "x"})
+
+
+def test_context_values_are_bounded_by_max_message_bytes(
+    store: ConversationStore, r: redis.Redis, prefix: str
+) -> None:
+    # Each value's JSON may take max_message_bytes (2000 here) bytes of UTF-8.
+    fits = "x" * 1998  # 2000 bytes with its quotes
+    store.create_session("s", context={"k": fits})
+    assert store.update_context("s", {"k2": fits}) == 2
+    before = dump(r, prefix)
+    too_big: list[Any] = [
+        "x" * 1999,  # 2001 bytes of JSON
+        "\u20ac" * 700,  # 700 characters, 2,102 bytes of UTF-8
+        {"nested": ["y" * 1000, "z" * 1000]},
+    ]
+    for value in too_big:
+        with pytest.raises(ContextTooLargeError, match=r"maximum is 2000 \(max_message_bytes\)"):
+            store.update_context("s", {"ok": 1, "big": value})
+        with pytest.raises(ContextTooLargeError, match="max_message_bytes"):
+            store.create_session("t", context={"big": value})
+    assert dump(r, prefix) == before
+    assert not store.exists("t")
+    assert issubclass(ContextTooLargeError, ValidationError)

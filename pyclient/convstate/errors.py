@@ -8,6 +8,21 @@ class raised for it, and :func:`from_script_error` does the translation.
 
 from __future__ import annotations
 
+import reprlib
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 80
+_REPR.maxother = 80
+
+
+def short_repr(value: object) -> str:
+    """A short ``repr`` of a caller's value for an error message: never huge, and never itself
+    an error (deeply nested values, ints too long for ``repr``, a raising ``__repr__``)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
 
 class ConvstateError(Exception):
     """Base class of every error convstate raises."""
@@ -55,8 +70,18 @@ class MessageTooLargeError(InvalidMessageError):
     """A message's JSON is larger than the configured maximum."""
 
 
+class InvalidContextError(ValidationError):
+    """A session context (``update_context``, ``create_session(context=...)``) is malformed:
+    not a mapping, a bad field name, or a value that is not JSON or not valid Unicode."""
+
+
+class ContextTooLargeError(InvalidContextError):
+    """A context value's JSON is larger than the configured maximum (``max_message_bytes``)."""
+
+
 class InvalidLimitError(ValidationError):
-    """A token limit, budget or TTL is not a positive integer."""
+    """A token limit, budget or TTL is not a positive integer, or is too large
+    (:data:`convstate.operations.MAX_INTEGER`)."""
 
 
 class BudgetTooSmallError(ValidationError):

@@ -24,7 +24,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from convstate.errors import ConfigurationError, InvalidSessionIdError
+from convstate.errors import ConfigurationError, InvalidSessionIdError, short_repr
 
 #: Default number of shards. 1024 hash tags spread within about 2% over 3 cluster masters.
 DEFAULT_SHARDS = 1024
@@ -39,7 +39,7 @@ def validate_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is usable as part of a key, else raise.
 
     A session id is a non-empty string of at most :data:`MAX_SESSION_ID_LENGTH` characters
-    without control characters.
+    without control characters, that UTF-8 can encode (no lone surrogates).
     """
     if not isinstance(session_id, str):
         raise InvalidSessionIdError(f"session id must be a str, not {type(session_id).__name__}")
@@ -52,6 +52,13 @@ def validate_session_id(session_id: object) -> str:
         )
     if _CONTROL_RE.search(session_id):
         raise InvalidSessionIdError(f"session id {session_id!r} contains control characters")
+    if not session_id.isascii():
+        try:
+            session_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidSessionIdError(
+                f"session id {session_id!r} is not valid Unicode (it holds a lone surrogate)"
+            ) from None
     return session_id
 
 
@@ -80,14 +87,17 @@ class KeySchema:
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not _PREFIX_RE.match(self.prefix):
             raise ConfigurationError(
-                f"prefix {self.prefix!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+                f"prefix {short_repr(self.prefix)} must be 1-64 characters of letters, digits, "
+                f"'_', '.', '-'"
             )
         if (
             isinstance(self.shards, bool)
             or not isinstance(self.shards, int)
             or not (1 <= self.shards <= 16384)
         ):
-            raise ConfigurationError(f"shards must be an integer in 1..16384, not {self.shards!r}")
+            raise ConfigurationError(
+                f"shards must be an integer in 1..16384, not {short_repr(self.shards)}"
+            )
 
     @property
     def config(self) -> str:
@@ -120,6 +130,10 @@ class KeySchema:
 
     def session(self, session_id: str) -> SessionKeys:
         """All keys of a session (validates the id). Cached: appends ask for them every time."""
+        if type(session_id) is not str:
+            # Not a plain str: validate before the cache, which would hash it (a list or a
+            # dict would raise TypeError there).
+            validate_session_id(session_id)
         return _session_keys(self.prefix, self.shards, session_id)
 
 

@@ -18,11 +18,15 @@ from typing import Any, Generic, NamedTuple, TypeVar
 from convstate.errors import (
     BudgetTooSmallError,
     ConfigurationError,
+    ContextTooLargeError,
+    InvalidContextError,
     InvalidLimitError,
     InvalidMessageError,
     MessageTooLargeError,
+    SessionFullError,
     ShardCountMismatchError,
     ValidationError,
+    short_repr,
 )
 from convstate.keys import KeySchema, SessionKeys
 from convstate.models import AppendResult, SessionMeta, SessionState, ms_to_datetime
@@ -49,6 +53,12 @@ API_FIELDS = (
 MAX_MESSAGE_ID_LENGTH = 128
 #: Longest accepted context field name, in characters.
 MAX_CONTEXT_FIELD_LENGTH = 256
+#: Largest integer the scripts keep exactly (2**53 - 1): Lua numbers are doubles. Token limits,
+#: budgets, token counts and the other numbers a script stores or computes with are refused
+#: above it (a larger one would be rounded, or written as "1e+17" that nothing can decode).
+MAX_INTEGER = 2**53 - 1
+#: Longest accepted TTL, in seconds: its milliseconds must stay within :data:`MAX_INTEGER`.
+MAX_TTL = MAX_INTEGER // 1000
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
 DEFAULT_READ_CHUNK = 32
@@ -63,10 +73,13 @@ def new_message_id() -> str:
     return os.urandom(16).hex()
 
 
-def check_positive_int(value: object, what: str) -> int:
-    """Return ``value`` if it is a positive ``int`` (not a bool), else raise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidLimitError(f"{what} must be a positive integer, not {value!r}")
+def check_positive_int(value: object, what: str, maximum: int = MAX_INTEGER) -> int:
+    """Return ``value`` if it is an ``int`` (not a bool) in ``1..maximum``, else raise
+    :class:`InvalidLimitError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidLimitError(
+            f"{what} must be a positive integer of at most {maximum}, not {short_repr(value)}"
+        )
     return value
 
 
@@ -76,11 +89,23 @@ def check_positive_int(value: object, what: str) -> int:
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _dumps(value: Any, what: str) -> str:
+def _dumps(value: Any, what: str, error: type[ValidationError] = InvalidMessageError) -> str:
     try:
         return _JSON_ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
-        raise InvalidMessageError(f"{what} is not JSON-serializable: {exc}") from exc
+        raise error(f"{what} is not JSON-serializable: {exc}") from exc
+    except RecursionError:
+        raise error(f"{what} is nested too deeply to be encoded as JSON") from None
+
+
+def _utf8_size(text: str, what: str, error: type[ValidationError] = InvalidMessageError) -> int:
+    """The UTF-8 size of ``text``; raises ``error`` if it holds a lone surrogate."""
+    if text.isascii():  # an ASCII string's length is its UTF-8 size
+        return len(text)
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise error(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
 
 
 def _check_content(content: object, role: str) -> None:
@@ -126,11 +151,11 @@ def validate_message(message: object) -> dict[str, Any]:
     msg = dict(message)
     for key in msg:
         if not isinstance(key, str):
-            raise InvalidMessageError(f"message keys must be strings, not {key!r}")
+            raise InvalidMessageError(f"message keys must be strings, not {short_repr(key)}")
     # Each field is looked up once (a missing field reads as None, as before).
     role = msg.get("role")
-    if role not in ROLES:
-        raise InvalidMessageError(f"role must be one of {sorted(ROLES)}, not {role!r}")
+    if not isinstance(role, str) or role not in ROLES:  # (an unhashable role cannot be looked up)
+        raise InvalidMessageError(f"role must be one of {sorted(ROLES)}, not {short_repr(role)}")
     content = msg.get("content")
     if "content" not in msg and role != "assistant":
         raise InvalidMessageError(f"a {role!r} message needs 'content'")
@@ -197,7 +222,8 @@ def decode_meta(fields: Mapping[str, str]) -> tuple[SessionMeta, dict[str, Any]]
     extra: dict[str, str] = {}
     for name, value in fields.items():
         if name.startswith("ctx:"):
-            context[name[4:]] = json.loads(value)
+            if value:  # (an empty value is no field: older create scripts stored None so)
+                context[name[4:]] = json.loads(value)
         elif name not in _META_INTS and name not in ("state", "last_error"):
             extra[name] = value
     ints = {name: int(fields.get(name, "0") or 0) for name in _META_INTS}
@@ -239,9 +265,13 @@ class StoreConfig:
 
     Attributes:
         token_limit: default token limit of new sessions; passing it flags for compaction.
+            At most :data:`MAX_INTEGER`.
         ttl: sliding time-to-live of a session in seconds (refreshed by every write), or None.
-        max_message_bytes: largest accepted message JSON, in bytes.
-        max_messages: most messages a session may hold (0 = no limit).
+            At most :data:`MAX_TTL`.
+        max_message_bytes: largest accepted message JSON, in bytes; also the largest accepted
+            JSON of one context value.
+        max_messages: most messages a session may hold (0 = no limit), the system messages a
+            session is created with included.
         read_chunk: messages fetched per LRANGE when a read walks back from the newest.
     """
 
@@ -254,15 +284,16 @@ class StoreConfig:
     def __post_init__(self) -> None:
         check_positive_int(self.token_limit, "token_limit")
         if self.ttl is not None:
-            check_positive_int(self.ttl, "ttl")
+            check_positive_int(self.ttl, "ttl", MAX_TTL)
         check_positive_int(self.max_message_bytes, "max_message_bytes")
         if (
             isinstance(self.max_messages, bool)
             or not isinstance(self.max_messages, int)
-            or (self.max_messages < 0)
+            or not 0 <= self.max_messages <= MAX_INTEGER
         ):
             raise InvalidLimitError(
-                f"max_messages must be an integer >= 0, not {self.max_messages}"
+                f"max_messages must be an integer in 0..{MAX_INTEGER}, not "
+                f"{short_repr(self.max_messages)}"
             )
         check_positive_int(self.read_chunk, "read_chunk")
 
@@ -324,22 +355,33 @@ class Operations:
         rest = _dumps(msg, "message")
         self._check_size(len(rest))
         msg["role"] = role
-        tokens = self.counter.count_message(msg)
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        try:
+            tokens = self.counter.count_message(msg)
+        except RecursionError:  # JSON the encoder just managed, counted a few frames deeper
+            raise InvalidMessageError("message is nested too deeply to be counted") from None
+        if (
+            isinstance(tokens, bool)
+            or not isinstance(tokens, int)
+            or not 0 <= tokens <= MAX_INTEGER
+        ):
             raise ConfigurationError(
-                f"the token counter returned {tokens!r}; it must return an int >= 0"
+                f"the token counter returned {short_repr(tokens)}; it must return an int >= 0 "
+                f"and <= {MAX_INTEGER} (2**53 - 1)"
             )
         inner = rest[1:-1] + "," if len(rest) > 2 else ""
         # ``ts`` is nearly always the clock's int, whose JSON is its str(); other values (a
-        # caller's own ts) go through the encoder. ``type() is int`` keeps bools out.
-        ts_json = str(ts) if type(ts) is int else _dumps(ts, "ts")
+        # caller's own ts) go through the encoder. ``type() is int`` keeps bools out; the
+        # bound keeps out ints too long for str() (the encoder rejects those).
+        ts_json = (
+            str(ts) if type(ts) is int and -MAX_INTEGER <= ts <= MAX_INTEGER else _dumps(ts, "ts")
+        )
         body = (
             f'{{"tokens":{tokens},"role":"{role}",{inner}"id":{_dumps(mid, "id")},'
             f'"kind":"message","ts":{ts_json}}}'
         )
-        # An ASCII string's length is its UTF-8 size; only other text needs encoding to be
-        # measured (which also still rejects lone surrogates, as before).
-        self._check_size(len(body) if body.isascii() else len(body.encode("utf-8")))
+        # An ASCII string's length is its UTF-8 size; other text is measured by encoding it,
+        # which also rejects lone surrogates (in any field) before anything is written.
+        self._check_size(len(body) if body.isascii() else _utf8_size(body, "message"))
         return EncodedMessage(mid, tokens, role == "system", body)
 
     def _check_size(self, size: int) -> None:
@@ -349,17 +391,39 @@ class Operations:
                 f"{self.config.max_message_bytes} (max_message_bytes)"
             )
 
-    def encode_context(self, mapping: object) -> list[str]:
+    def encode_context(self, mapping: object, *, drop_none: bool = False) -> list[str]:
+        """A context mapping -> ARGV pairs of field name, value JSON.
+
+        A ``None`` value is encoded as ``""`` (update_context: remove the field), or left out
+        with ``drop_none`` (create_session: a new session has no field to remove). Raises
+        :class:`InvalidContextError`: not a mapping, a field name that is not a non-empty
+        string of at most :data:`MAX_CONTEXT_FIELD_LENGTH` characters, a value that is not JSON
+        (or nested too deeply), text that is not valid Unicode; or
+        :class:`ContextTooLargeError`: a value's JSON is over ``max_message_bytes``.
+        """
         if not isinstance(mapping, Mapping):
-            raise ValidationError(f"context must be a mapping, not {type(mapping).__name__}")
+            raise InvalidContextError(f"context must be a mapping, not {type(mapping).__name__}")
+        limit = self.config.max_message_bytes
         args: list[str] = []
         for key, value in mapping.items():
             if not isinstance(key, str) or not key or len(key) > MAX_CONTEXT_FIELD_LENGTH:
-                raise ValidationError(
+                raise InvalidContextError(
                     f"context keys must be non-empty strings of at most "
-                    f"{MAX_CONTEXT_FIELD_LENGTH} characters, not {key!r}"
+                    f"{MAX_CONTEXT_FIELD_LENGTH} characters, not {short_repr(key)}"
                 )
-            args += [key, "" if value is None else _dumps(value, f"context[{key!r}]")]
+            what = f"context[{key!r:.300}]"
+            _utf8_size(key, f"context key {key!r}", InvalidContextError)
+            if value is None:
+                if not drop_none:
+                    args += [key, ""]
+                continue
+            encoded = _dumps(value, what, InvalidContextError)
+            size = _utf8_size(encoded, what, InvalidContextError)
+            if size > limit:
+                raise ContextTooLargeError(
+                    f"{what} is {size} bytes of JSON; the maximum is {limit} (max_message_bytes)"
+                )
+            args += [key, encoded]
         return args
 
     # -- operations ----------------------------------------------------------------------------
@@ -381,8 +445,20 @@ class Operations:
             systems: list[Any] = []
         elif isinstance(system, (str, Mapping)):
             systems = [system]
-        else:
+        elif isinstance(system, Sequence):
             systems = list(system)
+        else:
+            raise InvalidMessageError(
+                f"system must be a string, a role 'system' dict or a list of them, not "
+                f"{type(system).__name__}"
+            )
+        # The session's first records count against max_messages as appended ones do.
+        max_messages = self.config.max_messages
+        if max_messages and len(systems) > max_messages:
+            raise SessionFullError(
+                f"session {session_id!r} would be created with {len(systems)} system messages; "
+                f"the maximum is {max_messages} (max_messages)"
+            )
         now = self.clock()
         encoded = []
         for item in systems:
@@ -406,7 +482,7 @@ class Operations:
         ]
         for m in encoded:
             args += [m.id, m.tokens, m.json]
-        args += self.encode_context(context or {})
+        args += self.encode_context({} if context is None else context, drop_none=True)
 
         def decode(reply: Any) -> SessionState:
             return self._decode_state(session_id, reply[1], reply[2])

@@ -13,9 +13,11 @@ The rule follows the OpenAI cookbook's ``num_tokens_from_messages``:
   their tokens added; a ``name`` costs ``TOKENS_PER_NAME`` (1) extra token;
 * ``content`` may be a string, ``None`` (costs 0) or a list of parts. A part
   ``{"type": "text", "text": ...}`` (or a bare string) costs the tokens of its text. Any other
-  part (an image, audio, a file, ...) costs the tokens of its compact JSON,
-  ``json.dumps(part, separators=(",", ":"), sort_keys=True)``. That is an *approximation*: the
-  provider bills such parts by its own rules (image tiles, audio seconds), not by their JSON;
+  part (an image, audio, a file, ...) costs the tokens of its compact JSON as stored, with
+  sorted keys: ``json.dumps(part, separators=(",", ":"), sort_keys=True)`` of the part's JSON
+  decoded back (so non-string keys such as ``1`` count as the ``"1"`` they are stored as, and
+  keys of mixed types are fine). That is an *approximation*: the provider bills such parts by
+  its own rules (image tiles, audio seconds), not by their JSON;
 * tool-call JSON is included this way: for each entry of ``tool_calls``, the tokens of
   ``call["function"]["name"]`` and of ``call["function"]["arguments"]`` (the arguments string;
   if it is not a string, its compact JSON), plus those of the call's ``id`` and ``type`` when
@@ -133,6 +135,16 @@ def _load_encoding(name: str) -> tiktoken.Encoding:
 
 
 def _compact_json(value: Any) -> str:
+    """Compact JSON with sorted keys, as the value is stored (so a message and its stored
+    record count the same).
+
+    JSON turns non-string keys (``1``, ``True``, ``None``, ``1.5``) into strings, and
+    ``sort_keys`` cannot order a dict whose keys mix types (nor would it order int keys as their
+    strings are): containers are therefore encoded once without sorting and decoded back, which
+    gives their keys as stored, before the sorted encoding.
+    """
+    if isinstance(value, (dict, list, tuple)):
+        value = json.loads(json.dumps(value, separators=(",", ":")))
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
