@@ -357,3 +357,38 @@ def test_operator_commands_show_and_move_dead_letter_sessions(redis_url: str, pr
     assert _cli("requeue", *conn).returncode == 2
     r.close()
     store.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "localhost:6379",  # no scheme
+        "http://localhost:6379",
+        "redis://localhost:port",
+        "redis://localhost:99999",
+        "redis://[::1",
+        "redis://user:s3cr3t/x@localhost",  # a "/" in the password: urlsplit sees a port
+    ],
+)
+def test_a_malformed_redis_url_is_a_usage_error_not_a_traceback(url: str) -> None:
+    for command in (["stats"], ["inspect", "s1"], ["requeue", "--all"], ["daemon"], ["demo"]):
+        proc = _cli(*command, "--redis-url", url)
+        where = f"{command} {url}: {proc.stderr}"
+        assert proc.returncode == 2, where
+        assert "Traceback" not in proc.stderr, where
+        assert "not a Redis URL" in proc.stderr, where
+        assert "--redis-url" in proc.stderr, where
+        assert "s3cr3t" not in proc.stderr, where
+
+
+def test_cluster_flag_against_a_standalone_server_says_so(redis_url: str) -> None:
+    for command in (["stats"], ["inspect", "s1"]):
+        proc = _cli(*command, "--cluster", "--redis-url", redis_url, "--shards", "4")
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert "Cluster mode is not enabled" in proc.stderr, proc.stderr
+        assert "drop --cluster" in proc.stderr, proc.stderr
+    proc = _cli("stats", "--cluster", "--redis-url", "unix:///nonexistent/redis.sock")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "Redis Cluster error" in proc.stderr, proc.stderr

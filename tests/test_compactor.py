@@ -1612,3 +1612,129 @@ async def test_swap_refuses_a_prefix_rewritten_meanwhile(
     assert (meta["state"], meta["attempts"], meta["epoch"]) == ("queued", "1", "0")
     assert meta["last_error"] == "history prefix changed"
     assert await ar.zscore(keys.running, sid) is None
+
+
+# -- the swap's wake-up, and retries of the scripts ---------------------------------------------
+
+
+class AppendingSummarizer(FakeSummarizer):
+    """Appends ``count`` messages while it summarizes: the session is still over its limit
+    after the swap."""
+
+    def __init__(self, store: AsyncConversationStore, count: int) -> None:
+        super().__init__()
+        self.store = store
+        self.count = count
+
+    async def summarize(self, request: SummaryRequest) -> Summary:
+        sid = request.session_id
+        assert sid is not None
+        for i in range(self.count):
+            await self.store.append(sid, chat_message(sid, 300 + i, tag="late"))
+        return await super().summarize(request)
+
+
+async def test_a_swap_that_leaves_the_session_over_its_limit_queues_it_and_wakes_a_daemon(
+    ar: redis.asyncio.Redis, store: AsyncConversationStore
+) -> None:
+    """The wake-up is published after the EXEC (a cluster refuses PUBLISH in a MULTI): when
+    it arrives, the swap has committed."""
+    sid = "still-over"
+    await flagged_session(store, sid)
+    keys = store.schema.session(sid)
+    compactor = make_compactor(ar, store, AppendingSummarizer(store, 20))
+    pubsub = ar.pubsub()
+    try:
+        await pubsub.subscribe(store.schema.wake_channel)
+        assert await pubsub.get_message(timeout=2.0) is not None  # the confirmation
+        claim = await compactor.claim(sid)
+        assert claim is not None
+        outcome = await compactor.compact(claim)
+        assert outcome.status == "compacted", outcome
+        assert outcome.tokens_after > LIMIT, outcome
+        wake = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2.0)
+        assert wake is not None
+        assert wake["data"] == sid.encode()
+        meta = await meta_of(ar, keys)
+        assert (meta["state"], meta["epoch"]) == ("queued", "1")
+        assert await ar.zscore(keys.queue, sid) is not None
+        assert await ar.zscore(keys.running, sid) is None
+        await assert_totals(ar, keys)
+    finally:
+        await pubsub.aclose()
+
+
+async def test_a_failed_wake_up_does_not_undo_a_committed_swap(
+    ar: redis.asyncio.Redis, store: AsyncConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = "wake-refused"
+    await flagged_session(store, sid)
+    compactor = make_compactor(ar, store, AppendingSummarizer(store, 20))
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.NoPermissionError("no permissions to access a channel")
+
+    monkeypatch.setattr(ar, "publish", refused)
+    claim = await compactor.claim(sid)
+    assert claim is not None
+    outcome = await compactor.compact(claim)
+    assert outcome.status == "compacted", outcome
+    meta = await meta_of(ar, store.schema.session(sid))
+    assert (meta["state"], meta["epoch"]) == ("queued", "1")
+
+
+async def test_a_script_flush_racing_the_noscript_reload_reaches_no_compaction(
+    redis_url: str, store: AsyncConversationStore, ar: redis.asyncio.Redis
+) -> None:
+    """The script cache is lost again between the compactor's reload and its retry: the
+    claim (and every later script) still runs."""
+    flushes = {"left": 2}
+
+    class FlushAfterReload(redis.asyncio.Redis):
+        async def script_load(self, script: Any) -> Any:
+            sha = await super().script_load(script)
+            if flushes["left"]:
+                flushes["left"] -= 1
+                await ar.script_flush()
+            return sha
+
+    sid = "flushed"
+    await flagged_session(store, sid)
+    client = FlushAfterReload.from_url(redis_url)
+    try:
+        compactor = Compactor(
+            client, store.schema, store.counter, FakeSummarizer(), CompactorConfig(policy=POLICY)
+        )
+        await ar.script_flush()
+        claim = await compactor.claim(sid)
+        assert claim is not None
+        assert flushes["left"] == 0, "the reload race was not reached"
+        assert (await compactor.compact(claim)).status == "compacted"
+    finally:
+        await client.aclose()
+
+
+async def test_tryagain_and_cluster_errors_of_the_queue_scripts_are_retried(
+    ar: redis.asyncio.Redis, store: AsyncConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRYAGAIN (a slot migrating) and redis-py's ClusterError ("TTL exhausted.") mean the
+    script did not run: the compactor retries them instead of failing the sweep."""
+    sid = "migrating"
+    await flagged_session(store, sid)
+    compactor = make_compactor(ar, store, FakeSummarizer())
+    failures = [
+        redis.exceptions.TryAgainError("Multiple keys request during rehashing of slot"),
+        redis.exceptions.ClusterError("TTL exhausted."),
+    ]
+    real_evalsha = ar.evalsha
+
+    async def flaky_evalsha(*args: Any) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return await real_evalsha(*args)
+
+    monkeypatch.setattr(ar, "evalsha", flaky_evalsha)
+    claim = await compactor.claim(sid)
+    assert claim is not None
+    assert not failures
+    assert (await compactor.compact(claim)).status == "compacted"

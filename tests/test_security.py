@@ -677,13 +677,6 @@ async def test_daemon_reports_a_refused_sweep(
             command(admin, "ACL", "DELUSER", u.name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug: ConversationStore._append_and_wait passes WAIT's error reply to int() "
-    "(_with_replicas), so a refused or failed WAIT surfaces as TypeError after the append was "
-    "stored. It should raise the Redis error (check `isinstance(acked, Exception)`).",
-)
 def test_a_refused_wait_raises_the_redis_error(acl_server: RedisServer, prefix: str) -> None:
     with acl_server.client() as admin:
         u = user_without(admin, prefix, "wait")

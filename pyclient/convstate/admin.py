@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from convstate.compactor import ShardStatus
 from convstate.errors import from_script_error
 from convstate.keys import KeySchema
 from convstate.models import SessionState
 from convstate.operations import Operations, StoreConfig
-from convstate.scripts import script_source
+from convstate.scripts import NOSCRIPT_RELOADS, script_source
 
 
 class _NoCounter:
@@ -56,10 +57,19 @@ class Admin:
         }
 
     def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return self._scripts[name](keys=keys, args=args)
-        except redis.ResponseError as exc:
-            raise (from_script_error(str(exc)) or exc) from exc
+        """EVALSHA, loading the script again on NOSCRIPT (up to ``NOSCRIPT_RELOADS`` times)."""
+        script = self._scripts[name]
+        reloads = 0
+        while True:
+            try:
+                return self.redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                if reloads >= NOSCRIPT_RELOADS:
+                    raise
+                reloads += 1
+                script.sha = self.redis.script_load(script.script)
+            except redis.ResponseError as exc:
+                raise (from_script_error(str(exc)) or exc) from exc
 
     def inspect(self, session_id: str) -> SessionState:
         """The whole session, summaries included."""
@@ -67,8 +77,12 @@ class Admin:
         return op.decode(self._call(op.script, op.keys, op.args))
 
     def shard_statuses(self) -> list[ShardStatus]:
-        """Every shard's queue, running and dead-letter counts (one pipelined round trip)."""
+        """Every shard's queue, running and dead-letter counts: one pipelined round trip on a
+        standalone server; one peek per shard on a cluster (redis-py refuses EVALSHA in a
+        cluster pipeline, and each shard's keys live on the master of its own slot)."""
         s = self.schema
+        if isinstance(self.redis, redis.RedisCluster):
+            return [self._peek(shard) for shard in range(s.shards)]
         pipe = self.redis.pipeline(transaction=False)
         for shard in range(s.shards):
             self._scripts["peek"](
@@ -78,6 +92,11 @@ class Admin:
             ShardStatus(shard, *(int(x) for x in reply))
             for shard, reply in enumerate(pipe.execute())
         ]
+
+    def _peek(self, shard: int) -> ShardStatus:
+        s = self.schema
+        reply = self._call("peek", [s.queue(shard), s.running(shard), s.dead(shard)], [])
+        return ShardStatus(shard, *(int(x) for x in reply))
 
     def stats(self) -> Stats:
         statuses = self.shard_statuses()

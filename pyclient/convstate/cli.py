@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 import redis
+from redis.connection import parse_url
+from redis.exceptions import RedisClusterException
 
 from convstate import __version__
 from convstate.admin import Admin
@@ -118,6 +120,8 @@ def demo(
     """
     from convstate.demo import DemoOptions, run_cli
 
+    if redis_url is not None:
+        check_redis_url(redis_url)
     try:
         options = DemoOptions(
             sessions=sessions,
@@ -137,13 +141,42 @@ def demo(
         code = run_cli(options, as_json=as_json, live=not no_live)
     except ConvstateError as exc:
         raise click.ClickException(str(exc)) from exc
-    except redis.RedisError as exc:
-        where = redact_url(redis_url) if redis_url else "the private server"
-        raise click.ClickException(f"Redis at {where}: {exc}") from exc
+    except (redis.RedisError, RedisClusterException) as exc:
+        if redis_url:
+            raise _redis_failure(redis_url, exc) from exc
+        raise click.ClickException(f"Redis at the private server: {exc}") from exc
     except KeyboardInterrupt:
         click.echo("interrupted; everything the demo started was stopped", err=True)
         sys.exit(130)
     sys.exit(code)
+
+
+def check_redis_url(url: str, param_hint: str = "--redis-url") -> None:
+    """Raise a usage error, not a traceback, for a URL redis-py cannot parse (wrong scheme,
+    a port that is not a number, a broken IPv6 address...). The URL itself is not repeated:
+    it may hold a password."""
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        reason = str(exc)
+        if reason.startswith("Port could not be cast"):  # it quotes what may be a password
+            reason = "the port is not a number"
+        raise click.BadParameter(
+            f"not a Redis URL ({reason}); expected redis://[[user]:password@]host[:port][/db], "
+            f"rediss://... or unix:///path/to/socket",
+            param_hint=param_hint,
+        ) from exc
+
+
+def _redis_failure(url: str, exc: Exception, hint: str = "") -> click.ClickException:
+    """The one-line error of a Redis (or Redis Cluster) failure, with the password redacted."""
+    if isinstance(exc, RedisClusterException):
+        detail = f"Redis Cluster error: {exc}"
+        if "cluster mode is not enabled" in str(exc).lower():
+            detail += " (is it a standalone server? then drop --cluster)"
+    else:
+        detail = str(exc)
+    return click.ClickException(f"Redis at {redact_url(url)}: {detail}{hint}")
 
 
 def _connection_options(func: Any) -> Any:
@@ -190,15 +223,19 @@ def _connection_options(func: Any) -> Any:
 
 @contextlib.contextmanager
 def _admin(redis_url: str, cluster: bool, prefix: str, shards: int) -> Iterator[Admin]:
-    client: Any = (
-        redis.RedisCluster.from_url(redis_url) if cluster else redis.Redis.from_url(redis_url)
-    )
+    check_redis_url(redis_url)
+    try:
+        client: Any = (
+            redis.RedisCluster.from_url(redis_url) if cluster else redis.Redis.from_url(redis_url)
+        )
+    except (redis.RedisError, RedisClusterException) as exc:
+        raise _redis_failure(redis_url, exc) from exc
     try:
         yield Admin(client, KeySchema(prefix, shards))
     except ConvstateError as exc:
         raise click.ClickException(str(exc)) from exc
-    except redis.RedisError as exc:
-        raise click.ClickException(f"Redis at {redact_url(redis_url)}: {exc}") from exc
+    except (redis.RedisError, RedisClusterException) as exc:
+        raise _redis_failure(redis_url, exc) from exc
     finally:
         client.close()
 
@@ -400,15 +437,15 @@ def daemon(check: bool, **options: Any) -> None:
         raise click.UsageError(str(exc)) from exc
     if check:
         sys.exit(0 if check_ready(settings) else 1)
+    check_redis_url(settings.redis_url, "--redis-url / CONVSTATE_REDIS_URL")
     logging.getLogger().setLevel(settings.log_level.upper())
     try:
         sys.exit(run(settings))
     except ConvstateError as exc:
         raise click.ClickException(str(exc)) from exc
-    except redis.RedisError as exc:
-        raise click.ClickException(
-            f"Redis at {redact_url(settings.redis_url)}: {exc} (check --redis-url / "
-            f"CONVSTATE_REDIS_URL)"
+    except (redis.RedisError, RedisClusterException) as exc:
+        raise _redis_failure(
+            settings.redis_url, exc, " (check --redis-url / CONVSTATE_REDIS_URL)"
         ) from exc
 
 

@@ -8,13 +8,23 @@ its script in one round trip, and decodes the reply. The two classes therefore d
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
-from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 
 from convstate.errors import ConfigurationError, from_script_error
 from convstate.keys import DEFAULT_SHARDS, KeySchema
@@ -27,7 +37,7 @@ from convstate.operations import (
     StoreConfig,
     check_shard_config,
 )
-from convstate.scripts import all_sources
+from convstate.scripts import NOSCRIPT_RELOADS, all_sources
 from convstate.tokens import TiktokenCounter, TokenCounter
 
 if TYPE_CHECKING:
@@ -35,6 +45,20 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 C = TypeVar("C")
+
+#: Seconds one call keeps retrying a cluster reply that says its script did not run: TRYAGAIN
+#: (a multi-key script while its slot migrates) and redis-py's ClusterError ("TTL exhausted."
+#: after its own ~0.4 s of redirect/TRYAGAIN retries, or CLUSTERDOWN). A slot migration can
+#: take longer than redis-py's retries; retrying is safe (nothing ran, and an append is
+#: idempotent by message id anyway).
+CLUSTER_RETRY_SECONDS = 10.0
+
+#: Replies to the node pipeline of ``_append_and_wait`` after which the append takes the
+#: cluster client's path (which follows redirects and retries TRYAGAIN): the script did not run.
+_NOT_RUN_ON_THIS_NODE = (MovedError, AskError, TryAgainError, ClusterDownError)
+
+#: Errors ``_evalsha`` retries until :attr:`_StoreBase.cluster_retry_timeout` passes.
+_RETRY_ON_CLUSTER = (TryAgainError, ClusterError)
 
 Message = Mapping[str, Any]
 SystemArg = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | None
@@ -56,7 +80,10 @@ def _make_counter(
 
 
 def _with_replicas(result: T, acked: Any) -> T:
-    """An :class:`AppendResult` with the number of replicas WAIT reported."""
+    """An :class:`AppendResult` with the number of replicas WAIT reported (WAIT's error
+    reply, e.g. NOPERM, is raised: the append was stored, but its durability is unknown)."""
+    if isinstance(acked, Exception):
+        raise acked
     if isinstance(result, AppendResult):
         return dataclasses.replace(result, replicas=int(acked))
     return result
@@ -69,6 +96,10 @@ def _translate(exc: ResponseError) -> Exception:
 
 class _StoreBase(Generic[C]):
     """Configuration shared by both clients; no I/O."""
+
+    #: Seconds a call keeps retrying TRYAGAIN / ClusterError on a cluster (see
+    #: :data:`CLUSTER_RETRY_SECONDS`); set it on an instance to change it.
+    cluster_retry_timeout: float = CLUSTER_RETRY_SECONDS
 
     def __init__(
         self,
@@ -251,27 +282,47 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
                 "AsyncConversationStore on a standalone server"
             )
         script, keys = self._scripts[op.script], op.keys
-        for _ in range(2):
+        reloads = 0
+        while True:
             pipe = self.redis.pipeline(transaction=False)
             pipe.evalsha(script.sha, len(keys), *keys, *op.args)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             reply, acked = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError):
+            if isinstance(reply, NoScriptError) and reloads < NOSCRIPT_RELOADS:
+                reloads += 1
                 script.sha = await self.redis.script_load(script.script)
                 continue
             if isinstance(reply, Exception):
                 raise reply
             return _with_replicas(op.decode(reply), acked)
-        raise ConfigurationError("the server keeps losing convstate's scripts")
 
     async def _evalsha(self, op: Op[Any]) -> Any:
         """Run ``op``'s script by its sha; see :meth:`ConversationStore._evalsha`."""
+        deadline: float | None = None
+        delay = 0.01
+        while True:
+            try:
+                return await self._evalsha_reloading(op)
+            except _RETRY_ON_CLUSTER:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.cluster_retry_timeout
+                if now >= deadline:
+                    raise
+                await asyncio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.2)
+
+    async def _evalsha_reloading(self, op: Op[Any]) -> Any:
         script, keys = self._scripts[op.script], op.keys
-        try:
-            return await self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
-        except NoScriptError:
-            script.sha = await self.redis.script_load(script.script)
-            return await self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
+        reloads = 0
+        while True:
+            try:
+                return await self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
+            except NoScriptError:
+                if reloads >= NOSCRIPT_RELOADS:
+                    raise
+                reloads += 1
+                script.sha = await self.redis.script_load(script.script)
 
     async def create_session(
         self,
@@ -442,20 +493,25 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         the new owner."""
         script, keys = self._scripts[op.script], op.keys
         cluster: Any = self.redis if isinstance(self.redis, redis.RedisCluster) else None
-        client: Any = self.redis
-        if cluster is not None:
-            node = cluster.get_node_from_key(keys[0])
-            client = node.redis_connection or cluster.get_redis_connection(node)
-        for _ in range(2):
+        reloads = 0
+        while True:
+            client: Any = self.redis
+            if cluster is not None:
+                node = cluster.get_node_from_key(keys[0])
+                client = node.redis_connection or cluster.get_redis_connection(node)
             pipe = client.pipeline(transaction=False)
             pipe.evalsha(script.sha, len(keys), *keys, *op.args)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             reply, acked = pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError):
+            if isinstance(reply, NoScriptError) and reloads < NOSCRIPT_RELOADS:
+                reloads += 1
                 script.sha = client.script_load(script.script)
                 continue
-            if isinstance(reply, (MovedError, AskError)) and cluster is not None:
-                reply = self._evalsha(op)  # the cluster client follows the redirect
+            if cluster is not None and isinstance(reply, _NOT_RUN_ON_THIS_NODE):
+                # The slot moved, is moving (ASK, TRYAGAIN) or the cluster is down: the
+                # script did not run here. The cluster client follows the redirect and
+                # retries; WAIT then goes to the slot's owner.
+                reply = self._evalsha(op)
                 acked = cluster.execute_command(
                     "WAIT",
                     self.wait_replicas,
@@ -465,24 +521,48 @@ class ConversationStore(_StoreBase["redis.Redis"]):
             if isinstance(reply, Exception):
                 raise reply
             return _with_replicas(op.decode(reply), acked)
-        raise ConfigurationError("the server keeps losing convstate's scripts")
 
     def _evalsha(self, op: Op[Any]) -> Any:
         """Run ``op``'s script: EVALSHA with the sha ``register_script`` computed.
 
         This is what redis-py's ``Script.__call__`` does, called directly: the wrapper also
         copies keys and args into a new tuple and checks for a pipeline on every call, which
-        the hot path (every append) does not need.
+        the hot path (every append) does not need. Unlike the wrapper, a NOSCRIPT reply is
+        retried up to :data:`NOSCRIPT_RELOADS` times, and on a cluster TRYAGAIN and
+        ClusterError are retried for :attr:`cluster_retry_timeout` seconds (a long slot
+        migration outlasts redis-py's own retries).
         """
+        deadline: float | None = None
+        delay = 0.01
+        while True:
+            try:
+                return self._evalsha_reloading(op)
+            except _RETRY_ON_CLUSTER:
+                # The script did not run: TRYAGAIN (its keys are split between the two
+                # sides of a migrating slot), or redis-py's redirect retries ran out.
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.cluster_retry_timeout
+                if now >= deadline:
+                    raise
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.2)
+
+    def _evalsha_reloading(self, op: Op[Any]) -> Any:
         script, keys = self._scripts[op.script], op.keys
-        try:
-            return self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
-        except NoScriptError:
-            # The server lost its script cache (restart, failover, SCRIPT FLUSH): load the
-            # script and run it again, as Script.__call__ does. Still one write: NOSCRIPT
-            # means the first EVALSHA ran nothing.
-            script.sha = self.redis.script_load(script.script)
-            return self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
+        reloads = 0
+        while True:
+            try:
+                return self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
+            except NoScriptError:
+                # The server lost its script cache (restart, failover, SCRIPT FLUSH): load
+                # the script and run it again, as Script.__call__ does, a few times (the
+                # cache may be lost again in between). Still one write: NOSCRIPT means the
+                # EVALSHA ran nothing.
+                if reloads >= NOSCRIPT_RELOADS:
+                    raise
+                reloads += 1
+                script.sha = self.redis.script_load(script.script)
 
     def create_session(
         self,

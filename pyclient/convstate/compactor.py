@@ -12,7 +12,14 @@ The steps, and why each is safe when many app instances append and several daemo
 4. **swap** (WATCH/MULTI, milliseconds): re-read the lease token and the prefix's ids; if both
    are exactly the snapshot's, replace the prefix with system message(s) + summary, adjust the
    totals, release the lease. A WatchError (an append landed in between) retries the swap, never
-   the summary. A daemon whose lease expired is fenced: its token no longer matches.
+   the summary. A daemon whose lease expired is fenced: its token no longer matches. A session
+   still over its limit is queued again, and the wake-up is published after EXEC.
+
+On a Redis Cluster the snapshot and the swap run on a plain connection of their own to the
+master owning the session's slot (redis-py's cluster transactions can follow a MOVED to a
+fresh connection where nothing is watched). A MOVED, ASK, TRYAGAIN or CLUSTERDOWN reply (the
+slot moved or is moving: nothing was written) retries on the slot's owner, with WATCH again,
+for :data:`REDIRECT_RETRY_SECONDS`.
 """
 
 from __future__ import annotations
@@ -24,12 +31,22 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+    WatchError,
+)
 
 from convstate.errors import (
     ConfigurationError,
@@ -39,7 +56,7 @@ from convstate.errors import (
 )
 from convstate.keys import KeySchema, SessionKeys
 from convstate.planner import CompactionPlan, CompactionPolicy, Uncompactable, plan_compaction
-from convstate.scripts import script_source
+from convstate.scripts import NOSCRIPT_RELOADS, script_source
 from convstate.summarizers import Summarizer, SummaryRequest
 from convstate.tokens import TokenCounter
 
@@ -47,6 +64,17 @@ if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds a Redis call of the compactor keeps retrying a cluster reply that says nothing was
+#: done: MOVED/ASK/TRYAGAIN/CLUSTERDOWN in the snapshot and the swap, and TRYAGAIN or
+#: redis-py's ClusterError ("TTL exhausted.") in the queue scripts (a slot migration can take
+#: longer than redis-py's own retries).
+REDIRECT_RETRY_SECONDS = 10.0
+
+#: Replies on a slot owner's connection after which nothing was written there.
+_REDIRECTED = (AskError, TryAgainError, ClusterDownError)  # MovedError is an AskError
 
 #: Text the summary message starts with (stripped again when the summary is rolled).
 SUMMARY_PREFIX = "Summary of the conversation so far:\n"
@@ -167,9 +195,53 @@ class Compactor:
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return await self._scripts[name](keys=list(keys), args=list(args))
+            return await self._evalsha(self._scripts[name], list(keys), list(args))
         except ResponseError as exc:
             raise (from_script_error(str(exc)) or exc) from exc
+
+    async def _evalsha(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, loading the script again on NOSCRIPT (a few times), and retrying TRYAGAIN
+        and ClusterError (the script did not run) for :data:`REDIRECT_RETRY_SECONDS`."""
+        deadline: float | None = None
+        delay = 0.01
+        reloads = 0
+        while True:
+            try:
+                return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                if reloads >= NOSCRIPT_RELOADS:
+                    raise
+                reloads += 1
+                script.sha = await self.redis.script_load(script.script)
+            except (TryAgainError, ClusterError):
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + REDIRECT_RETRY_SECONDS
+                if now >= deadline:
+                    raise
+                await asyncio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.2)
+
+    async def _on_slot_owner(
+        self, key: str, work: Callable[[redis.asyncio.Redis], Awaitable[T]]
+    ) -> T:
+        """``work(client)`` with a client whose commands all reach the master owning
+        ``key``'s slot on one connection (so WATCH/MULTI/EXEC mean what they say): the store's
+        own client on a standalone server, a plain connection of its own on a cluster. On a
+        cluster, ``work`` is run again (on the new owner) after a MOVED, ASK, TRYAGAIN or
+        CLUSTERDOWN reply, for up to :data:`REDIRECT_RETRY_SECONDS`."""
+        if not isinstance(self.redis, redis.asyncio.RedisCluster):
+            return await work(self.redis)
+        owner = _SlotOwner(self.redis, key)
+        try:
+            while True:
+                client = await owner.client()
+                try:
+                    return await work(client)
+                except _REDIRECTED as exc:
+                    await owner.redirected(exc)
+        finally:
+            await owner.aclose()
 
     def count_text(self, text: str) -> int:
         """Tokens ``text`` costs as a system message (what the summary will cost)."""
@@ -268,10 +340,13 @@ class Compactor:
     # -- one compaction ------------------------------------------------------------------------
 
     async def _snapshot(self, claim: Claim) -> tuple[dict[str, str], list[dict[str, Any]]]:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hgetall(claim.keys.meta)
-        pipe.lrange(claim.keys.msgs, 0, -1)
-        flat, raw = await pipe.execute()
+        async def read(client: redis.asyncio.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=True)
+            pipe.hgetall(claim.keys.meta)
+            pipe.lrange(claim.keys.msgs, 0, -1)
+            return await pipe.execute()
+
+        flat, raw = await self._on_slot_owner(claim.keys.meta, read)
         meta = {_text(k): _text(v) for k, v in flat.items()}
         return meta, [json.loads(item) for item in raw]
 
@@ -412,111 +487,213 @@ class Compactor:
         tokens_before: int,
     ) -> Outcome:
         text, model, summarizer = summary
-        keys, sid = claim.keys, claim.session_id
+        sid = claim.session_id
         record = self._summary_record(
             plan, text, model, summarizer, summary_ms, tokens_before, claim.epoch
         )
+        attempts = 0
+        races = 0
+
+        async def swap(client: redis.asyncio.Redis) -> tuple[str, int, bool]:
+            nonlocal attempts, races
+            async with client.pipeline(transaction=True) as pipe:
+                while True:
+                    attempts += 1
+                    try:
+                        return await self._try_swap(pipe, claim, plan, record)
+                    except WatchError:
+                        races += 1
+                        log.debug("swap of session %r raced an append; retrying", sid)
+                        if races >= self.config.swap_retries:
+                            return "racing", 0, False
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+
+        result, new_tokens, over = await self._on_slot_owner(claim.keys.meta, swap)
+        if result == "lost":
+            return Outcome(
+                sid,
+                "lost",
+                tokens_before,
+                summary_ms=summary_ms,
+                swap_attempts=attempts,
+                note="fenced at swap",
+            )
+        if result == "changed":
+            # Only a delete or an outside rewrite can change the prefix.
+            state = await self.release(claim, "retry", "history prefix changed")
+            return Outcome(
+                sid,
+                "dead" if state == "dead" else "retry",
+                tokens_before,
+                note="history prefix changed",
+            )
+        if result == "racing":
+            state = await self.release(claim, "retry", "swap kept racing appends")
+            return Outcome(
+                sid,
+                "dead" if state == "dead" else "retry",
+                tokens_before,
+                summary_ms=summary_ms,
+                swap_attempts=attempts,
+                note="swap retries exhausted",
+            )
+        if over:  # e.g. appends during the summary: queued again, wake a daemon promptly
+            await self._wake(sid)
+        log.info(
+            "compacted session %r: %d -> %d tokens, %d messages folded",
+            sid,
+            tokens_before,
+            new_tokens,
+            len(plan.folded),
+        )
+        return Outcome(
+            sid,
+            "compacted",
+            tokens_before,
+            new_tokens,
+            len(plan.folded),
+            summary_ms,
+            attempts,
+        )
+
+    async def _wake(self, session_id: str) -> None:
+        """Publish a wake-up for a session queued again by its swap. After the EXEC, not in
+        the MULTI: a cluster client refuses PUBLISH in a transaction. Best effort: the swap
+        has committed, and the daemons' sweep finds the queued session anyway."""
+        try:
+            await self.redis.publish(self.schema.wake_channel, session_id)
+        except RedisError as exc:
+            log.warning("wake-up for session %r not published: %s", session_id, exc)
+
+    async def _try_swap(
+        self, pipe: Any, claim: Claim, plan: CompactionPlan, record: dict[str, Any]
+    ) -> tuple[str, int, bool]:
+        """One WATCH/MULTI/EXEC try of the swap, on one connection to the slot's owner.
+
+        Returns ``(result, new token count, still over the limit)``, where result is
+        ``lost`` (the lease token is not ours), ``changed`` (the prefix's ids are not the
+        snapshot's) or ``compacted``. Raises WatchError if the session changed between the
+        WATCH and the EXEC (nothing was written).
+        """
+        keys, sid = claim.keys, claim.session_id
         new_head = [
             json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in [*plan.system, record]
         ]
         new_head_tokens = plan.system_tokens + int(record["tokens"])
         old_prefix_tokens = plan.tokens_before - plan.tail_tokens
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for attempt in range(1, self.config.swap_retries + 1):
-                try:
-                    await pipe.watch(keys.meta, keys.msgs)
-                    lease, token_count, message_count, limit, ttl = await pipe.hmget(
-                        keys.meta, "lease", "token_count", "message_count", "token_limit", "ttl"
-                    )
-                    if lease is None or _text(lease) != claim.token:
-                        await pipe.reset()  # type: ignore[no-untyped-call]
-                        return Outcome(
-                            sid,
-                            "lost",
-                            tokens_before,
-                            summary_ms=summary_ms,
-                            swap_attempts=attempt,
-                            note="fenced at swap",
-                        )
-                    prefix = await pipe.lrange(keys.msgs, 0, plan.fold_end - 1)
-                    ids = [json.loads(item).get("id") for item in prefix]
-                    if ids != plan.prefix_ids:
-                        # Only a delete or an outside rewrite can change the prefix.
-                        await pipe.reset()  # type: ignore[no-untyped-call]
-                        state = await self.release(claim, "retry", "history prefix changed")
-                        return Outcome(
-                            sid,
-                            "dead" if state == "dead" else "retry",
-                            tokens_before,
-                            note="history prefix changed",
-                        )
-                    new_tokens = int(token_count or 0) - old_prefix_tokens + new_head_tokens
-                    new_count = int(message_count or 0) - plan.fold_end + len(new_head)
-                    over = new_tokens > int(limit or 0)
-                    now = _now_ms()
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.ltrim(keys.msgs, plan.fold_end, -1)
-                    pipe.lpush(keys.msgs, *reversed(new_head))
-                    pipe.sadd(keys.ids, record["id"])
-                    pipe.hset(
-                        keys.meta,
-                        mapping={
-                            "token_count": new_tokens,
-                            "message_count": new_count,
-                            "head_count": len(new_head),
-                            "state": "queued" if over else "idle",
-                            "attempts": 0,
-                            "updated_at": now,
-                            "compacted_at": now,
-                            **({"queued_at": now} if over else {}),
-                        },
-                    )
-                    pipe.hincrby(keys.meta, "epoch", 1)
-                    pipe.hdel(keys.meta, "lease", "lease_deadline", "last_error", "reflag_above")
-                    pipe.zrem(keys.running, sid)
-                    if over:  # e.g. appends during the summary: go again, promptly
-                        pipe.zadd(keys.queue, {sid: now})
-                        pipe.publish(self.schema.wake_channel, sid)
-                    if self.config.archive:
-                        pipe.rpush(
-                            keys.archive,
-                            *(
-                                json.dumps(r, ensure_ascii=False, separators=(",", ":"))
-                                for r in plan.folded
-                            ),
-                        )
-                        archive_ttl = self.config.archive_ttl or (int(ttl) // 1000 if ttl else 0)
-                        if archive_ttl:
-                            pipe.expire(keys.archive, archive_ttl)
-                    if ttl and int(ttl) > 0:
-                        for key in (keys.msgs, keys.meta, keys.ids):
-                            pipe.pexpire(key, int(ttl))
-                    await pipe.execute()
-                except WatchError:
-                    log.debug("swap of session %r raced an append; retrying", sid)
-                    continue
-                log.info(
-                    "compacted session %r: %d -> %d tokens, %d messages folded",
-                    sid,
-                    tokens_before,
-                    new_tokens,
-                    len(plan.folded),
-                )
-                return Outcome(
-                    sid,
-                    "compacted",
-                    tokens_before,
-                    new_tokens,
-                    len(plan.folded),
-                    summary_ms,
-                    attempt,
-                )
-        state = await self.release(claim, "retry", "swap kept racing appends")
-        return Outcome(
-            sid,
-            "dead" if state == "dead" else "retry",
-            tokens_before,
-            summary_ms=summary_ms,
-            swap_attempts=self.config.swap_retries,
-            note="swap retries exhausted",
+        await pipe.watch(keys.meta, keys.msgs)
+        lease, token_count, message_count, limit, ttl = await pipe.hmget(
+            keys.meta, "lease", "token_count", "message_count", "token_limit", "ttl"
         )
+        if lease is None or _text(lease) != claim.token:
+            await pipe.reset()
+            return "lost", 0, False
+        prefix = await pipe.lrange(keys.msgs, 0, plan.fold_end - 1)
+        ids = [json.loads(item).get("id") for item in prefix]
+        if ids != plan.prefix_ids:
+            await pipe.reset()
+            return "changed", 0, False
+        new_tokens = int(token_count or 0) - old_prefix_tokens + new_head_tokens
+        new_count = int(message_count or 0) - plan.fold_end + len(new_head)
+        over = new_tokens > int(limit or 0)
+        now = _now_ms()
+        pipe.multi()
+        pipe.ltrim(keys.msgs, plan.fold_end, -1)
+        pipe.lpush(keys.msgs, *reversed(new_head))
+        pipe.sadd(keys.ids, record["id"])
+        pipe.hset(
+            keys.meta,
+            mapping={
+                "token_count": new_tokens,
+                "message_count": new_count,
+                "head_count": len(new_head),
+                "state": "queued" if over else "idle",
+                "attempts": 0,
+                "updated_at": now,
+                "compacted_at": now,
+                **({"queued_at": now} if over else {}),
+            },
+        )
+        pipe.hincrby(keys.meta, "epoch", 1)
+        pipe.hdel(keys.meta, "lease", "lease_deadline", "last_error", "reflag_above")
+        pipe.zrem(keys.running, sid)
+        if over:
+            pipe.zadd(keys.queue, {sid: now})
+        if self.config.archive:
+            pipe.rpush(
+                keys.archive,
+                *(json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in plan.folded),
+            )
+            archive_ttl = self.config.archive_ttl or (int(ttl) // 1000 if ttl else 0)
+            if archive_ttl:
+                pipe.expire(keys.archive, archive_ttl)
+        if ttl and int(ttl) > 0:
+            for key in (keys.msgs, keys.meta, keys.ids):
+                pipe.pexpire(key, int(ttl))
+        await pipe.execute()
+        return "compacted", new_tokens, over
+
+
+class _SlotOwner:
+    """A plain ``redis.asyncio.Redis`` on the master owning one key's slot of a cluster, for
+    WATCH/MULTI/EXEC; follows MOVED and waits out ASK/TRYAGAIN/CLUSTERDOWN (see
+    :meth:`Compactor._on_slot_owner`). Each client it hands out is closed before the next one
+    and by :meth:`aclose`: no connection outlives the call, nor the event loop it ran on."""
+
+    def __init__(self, cluster: redis.asyncio.RedisCluster, key: str) -> None:
+        self._cluster = cluster
+        self._key = key
+        self._address: tuple[str, int] | None = None
+        self._template: Any = None  # a ClusterNode: connection class and options
+        self._client: redis.asyncio.Redis | None = None
+        self._deadline: float | None = None
+        self._delay = 0.01
+        self._redirects = 0
+
+    async def client(self) -> redis.asyncio.Redis:
+        if self._client is not None:
+            return self._client
+        if self._address is None or self._template is None:
+            await self._cluster.initialize()
+            node: Any = self._cluster.get_node_from_key(self._key)
+            if node is None:
+                raise ClusterDownError(f"no node serves the slot of {self._key!r}")
+            self._template = node
+            self._address = (str(node.host), int(node.port))
+        host, port = self._address
+        options = dict(self._template.connection_kwargs)
+        options.update(host=host, port=port)
+        pool = redis.asyncio.ConnectionPool(
+            connection_class=self._template.connection_class, **options
+        )
+        self._client = redis.asyncio.Redis.from_pool(pool)
+        return self._client
+
+    async def redirected(self, exc: Exception) -> None:
+        """After a redirect (nothing was written): the next :meth:`client` reaches the new
+        owner; re-raises ``exc`` once :data:`REDIRECT_RETRY_SECONDS` passed."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + REDIRECT_RETRY_SECONDS
+        if now >= self._deadline:
+            raise exc
+        await self.aclose()
+        self._redirects += 1
+        if isinstance(exc, MovedError) and self._address is not None:
+            # The slot has a new owner: go there (at once, the first time).
+            host = exc.host or self._address[0]
+            remap = getattr(self._cluster.nodes_manager, "remap_host_port", None)
+            address = remap(host, exc.port) if remap is not None else (host, exc.port)
+            self._address = (str(address[0]), int(address[1]))
+            if self._redirects == 1:
+                return
+        elif isinstance(exc, ClusterDownError):
+            self._address = None  # ask the cluster client again
+        # ASK / TRYAGAIN: the slot is migrating; wait for the migration to end (MOVED then).
+        await asyncio.sleep(min(self._delay, max(0.0, self._deadline - now)))
+        self._delay = min(self._delay * 2, 0.2)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()

@@ -1,9 +1,13 @@
 """The Lua scripts, shipped inside the package.
 
 In a wheel the repository's ``lua/`` directory is installed as ``convstate/lua``; in an
-editable checkout it is read from the repository. Scripts are registered with redis-py's
-``register_script``, which sends EVALSHA and loads the script again on NOSCRIPT (the script
-cache is lost on restart, failover and SCRIPT FLUSH).
+editable checkout it is read from the repository. The clients, the compactor and the operator
+commands register them with redis-py's ``register_script`` (which only computes the sha) and
+run them with EVALSHA. The script cache is lost on restart, failover and SCRIPT FLUSH: on a
+NOSCRIPT reply (the script did not run) they load the script again and retry, up to
+:data:`NOSCRIPT_RELOADS` times per call, so a cache lost again between the reload and the
+retry still reaches no caller. (A pipeline of scripts, as ``convstate stats`` sends to a
+standalone server, is preceded by redis-py's SCRIPT EXISTS / SCRIPT LOAD instead.)
 """
 
 from __future__ import annotations
@@ -13,6 +17,12 @@ from importlib import resources
 from pathlib import Path
 
 from convstate.errors import ConfigurationError
+
+#: How many times one call loads its script again after a NOSCRIPT reply before that error
+#: reaches the caller. Each NOSCRIPT means the EVALSHA ran nothing, so a retry is still one
+#: write; more than one reload covers a cache lost again between the reload and the retry
+#: (two failovers or SCRIPT FLUSHes close together).
+NOSCRIPT_RELOADS = 3
 
 #: Every script the package ships, by name (the file is ``<name>.lua``).
 SCRIPT_NAMES = (
