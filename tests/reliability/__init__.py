@@ -1,0 +1,1 @@
+"""Reliability soak: many writer processes, compaction daemons and injected faults."""
