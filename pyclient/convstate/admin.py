@@ -8,14 +8,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError
 
 from convstate.compactor import ShardStatus
 from convstate.errors import from_script_error
 from convstate.keys import KeySchema
 from convstate.models import SessionState
 from convstate.operations import Operations, StoreConfig
-from convstate.scripts import NOSCRIPT_RELOADS, script_source
+from convstate.scripts import run_script, script_source
 
 
 class _NoCounter:
@@ -57,19 +56,11 @@ class Admin:
         }
 
     def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA, loading the script again on NOSCRIPT (up to ``NOSCRIPT_RELOADS`` times)."""
-        script = self._scripts[name]
-        reloads = 0
-        while True:
-            try:
-                return self.redis.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                if reloads >= NOSCRIPT_RELOADS:
-                    raise
-                reloads += 1
-                script.sha = self.redis.script_load(script.script)
-            except redis.ResponseError as exc:
-                raise (from_script_error(str(exc)) or exc) from exc
+        """EVALSHA, loading the script again on NOSCRIPT (see :func:`run_script`)."""
+        try:
+            return run_script(self.redis, self._scripts[name], keys, args)
+        except redis.ResponseError as exc:
+            raise (from_script_error(str(exc)) or exc) from exc
 
     def inspect(self, session_id: str) -> SessionState:
         """The whole session, summaries included."""

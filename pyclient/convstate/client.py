@@ -8,9 +8,7 @@ its script in one round trip, and decodes the reply. The two classes therefore d
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -19,7 +17,6 @@ import redis.asyncio
 from redis.exceptions import (
     AskError,
     ClusterDownError,
-    ClusterError,
     MovedError,
     NoScriptError,
     ResponseError,
@@ -37,7 +34,7 @@ from convstate.operations import (
     StoreConfig,
     check_shard_config,
 )
-from convstate.scripts import NOSCRIPT_RELOADS, all_sources
+from convstate.scripts import NOSCRIPT_RELOADS, all_sources, arun_script, run_script
 from convstate.tokens import TiktokenCounter, TokenCounter
 
 if TYPE_CHECKING:
@@ -56,9 +53,6 @@ CLUSTER_RETRY_SECONDS = 10.0
 #: Replies to the node pipeline of ``_append_and_wait`` after which the append takes the
 #: cluster client's path (which follows redirects and retries TRYAGAIN): the script did not run.
 _NOT_RUN_ON_THIS_NODE = (MovedError, AskError, TryAgainError, ClusterDownError)
-
-#: Errors ``_evalsha`` retries until :attr:`_StoreBase.cluster_retry_timeout` passes.
-_RETRY_ON_CLUSTER = (TryAgainError, ClusterError)
 
 Message = Mapping[str, Any]
 SystemArg = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | None
@@ -298,31 +292,13 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
 
     async def _evalsha(self, op: Op[Any]) -> Any:
         """Run ``op``'s script by its sha; see :meth:`ConversationStore._evalsha`."""
-        deadline: float | None = None
-        delay = 0.01
-        while True:
-            try:
-                return await self._evalsha_reloading(op)
-            except _RETRY_ON_CLUSTER:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.cluster_retry_timeout
-                if now >= deadline:
-                    raise
-                await asyncio.sleep(min(delay, deadline - now))
-                delay = min(delay * 2, 0.2)
-
-    async def _evalsha_reloading(self, op: Op[Any]) -> Any:
-        script, keys = self._scripts[op.script], op.keys
-        reloads = 0
-        while True:
-            try:
-                return await self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
-            except NoScriptError:
-                if reloads >= NOSCRIPT_RELOADS:
-                    raise
-                reloads += 1
-                script.sha = await self.redis.script_load(script.script)
+        return await arun_script(
+            self.redis,
+            self._scripts[op.script],
+            op.keys,
+            op.args,
+            cluster_retry_seconds=self.cluster_retry_timeout,
+        )
 
     async def create_session(
         self,
@@ -523,46 +499,19 @@ class ConversationStore(_StoreBase["redis.Redis"]):
             return _with_replicas(op.decode(reply), acked)
 
     def _evalsha(self, op: Op[Any]) -> Any:
-        """Run ``op``'s script: EVALSHA with the sha ``register_script`` computed.
-
-        This is what redis-py's ``Script.__call__`` does, called directly: the wrapper also
-        copies keys and args into a new tuple and checks for a pipeline on every call, which
-        the hot path (every append) does not need. Unlike the wrapper, a NOSCRIPT reply is
-        retried up to :data:`NOSCRIPT_RELOADS` times, and on a cluster TRYAGAIN and
-        ClusterError are retried for :attr:`cluster_retry_timeout` seconds (a long slot
-        migration outlasts redis-py's own retries).
+        """Run ``op``'s script: EVALSHA with the sha ``register_script`` computed
+        (:func:`~convstate.scripts.run_script`): a NOSCRIPT reply is retried up to
+        :data:`NOSCRIPT_RELOADS` times, and on a cluster TRYAGAIN and ClusterError are retried
+        for :attr:`cluster_retry_timeout` seconds (a long slot migration outlasts redis-py's
+        own retries).
         """
-        deadline: float | None = None
-        delay = 0.01
-        while True:
-            try:
-                return self._evalsha_reloading(op)
-            except _RETRY_ON_CLUSTER:
-                # The script did not run: TRYAGAIN (its keys are split between the two
-                # sides of a migrating slot), or redis-py's redirect retries ran out.
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.cluster_retry_timeout
-                if now >= deadline:
-                    raise
-                time.sleep(min(delay, deadline - now))
-                delay = min(delay * 2, 0.2)
-
-    def _evalsha_reloading(self, op: Op[Any]) -> Any:
-        script, keys = self._scripts[op.script], op.keys
-        reloads = 0
-        while True:
-            try:
-                return self.redis.evalsha(script.sha, len(keys), *keys, *op.args)
-            except NoScriptError:
-                # The server lost its script cache (restart, failover, SCRIPT FLUSH): load
-                # the script and run it again, as Script.__call__ does, a few times (the
-                # cache may be lost again in between). Still one write: NOSCRIPT means the
-                # EVALSHA ran nothing.
-                if reloads >= NOSCRIPT_RELOADS:
-                    raise
-                reloads += 1
-                script.sha = self.redis.script_load(script.script)
+        return run_script(
+            self.redis,
+            self._scripts[op.script],
+            op.keys,
+            op.args,
+            cluster_retry_seconds=self.cluster_retry_timeout,
+        )
 
     def create_session(
         self,

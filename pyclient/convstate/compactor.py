@@ -39,9 +39,7 @@ import redis.asyncio
 from redis.exceptions import (
     AskError,
     ClusterDownError,
-    ClusterError,
     MovedError,
-    NoScriptError,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -56,7 +54,7 @@ from convstate.errors import (
 )
 from convstate.keys import KeySchema, SessionKeys
 from convstate.planner import CompactionPlan, CompactionPolicy, Uncompactable, plan_compaction
-from convstate.scripts import NOSCRIPT_RELOADS, script_source
+from convstate.scripts import arun_script, script_source
 from convstate.summarizers import Summarizer, SummaryRequest
 from convstate.tokens import TokenCounter
 
@@ -195,32 +193,15 @@ class Compactor:
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return await self._evalsha(self._scripts[name], list(keys), list(args))
+            return await arun_script(
+                self.redis,
+                self._scripts[name],
+                keys,
+                args,
+                cluster_retry_seconds=REDIRECT_RETRY_SECONDS,
+            )
         except ResponseError as exc:
             raise (from_script_error(str(exc)) or exc) from exc
-
-    async def _evalsha(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA, loading the script again on NOSCRIPT (a few times), and retrying TRYAGAIN
-        and ClusterError (the script did not run) for :data:`REDIRECT_RETRY_SECONDS`."""
-        deadline: float | None = None
-        delay = 0.01
-        reloads = 0
-        while True:
-            try:
-                return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                if reloads >= NOSCRIPT_RELOADS:
-                    raise
-                reloads += 1
-                script.sha = await self.redis.script_load(script.script)
-            except (TryAgainError, ClusterError):
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + REDIRECT_RETRY_SECONDS
-                if now >= deadline:
-                    raise
-                await asyncio.sleep(min(delay, deadline - now))
-                delay = min(delay * 2, 0.2)
 
     async def _on_slot_owner(
         self, key: str, work: Callable[[redis.asyncio.Redis], Awaitable[T]]
