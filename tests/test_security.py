@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import secrets
@@ -86,6 +87,13 @@ DAEMON_POLICY: dict[str, Any] = {
 
 #: What redis-py sends on every new connection and ignores when refused (see docs/security.md).
 CONNECTION_NOISE = frozenset({"client", "client|setinfo", "client|maint_notifications"})
+
+
+#: SHA1 of every shipped script, computed here from the repository's lua/.
+SCRIPT_SHAS = [
+    hashlib.sha1(f.read_bytes()).hexdigest()
+    for f in sorted((Path(__file__).resolve().parent.parent / "lua").glob("*.lua"))
+]
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -276,6 +284,10 @@ def test_documented_acl_runs_the_clients_and_the_operator_cli(acl_user: AclUser)
         assert (code, out.strip()) == (0, "acl-2: queued for compaction"), out
         code, out = run_cli("requeue", "--all", *conn)
         assert code == 0, out
+        u.admin.script_flush()
+        code, out = run_cli("scripts", "load", *conn)
+        assert code == 0, out
+        assert all(u.admin.script_exists(*SCRIPT_SHAS)), out
         assert store.delete_session("acl-1")
         assert store.delete_session("acl-2")
     assert u.refusals() == []
@@ -600,6 +612,12 @@ async def test_documented_acl_on_a_cluster(prefix: str) -> None:
             finally:
                 daemon.request_stop()
                 await asyncio.wait_for(task, 10)
+            for admin in admins:
+                admin.script_flush()
+            code, out = run_cli("scripts", "load", "--cluster", "--redis-url", url)
+            assert code == 0, out
+            assert f"on {len(admins)} node(s)" in out, out
+            assert all(all(admin.script_exists(*SCRIPT_SHAS)) for admin in admins)
             assert {user.port: user.refusals() for user in users} == {
                 user.port: [] for user in users
             }

@@ -1,7 +1,9 @@
-"""Operator views and actions behind ``convstate inspect|stats|compact|requeue`` (sync)."""
+"""Operator views and actions behind ``convstate inspect|stats|compact|requeue|scripts`` (sync)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -10,11 +12,11 @@ from typing import Any
 import redis
 
 from convstate.compactor import ShardStatus
-from convstate.errors import from_script_error
+from convstate.errors import ConfigurationError, from_script_error
 from convstate.keys import KeySchema
 from convstate.models import SessionState
 from convstate.operations import Operations, StoreConfig
-from convstate.scripts import run_script, script_source
+from convstate.scripts import SCRIPT_NAMES, run_script, script_source
 
 
 class _NoCounter:
@@ -38,6 +40,20 @@ class Stats:
     dead: int
     oldest_flagged_age_s: float | None
     dead_sessions: list[tuple[str, int]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScriptsLoaded:
+    """What ``convstate scripts load`` put in the script cache: each script's SHA1 and the
+    nodes (``host:port``) that now hold every one of them, and the cluster nodes skipped
+    because CLUSTER NODES reports them failed or unreachable."""
+
+    scripts: dict[str, str]
+    nodes: list[str]
+    skipped: list[str]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,3 +138,73 @@ class Admin:
             [session_id, self.schema.wake_channel, "dead" if only_dead else "any"],
         )
         return bool(int(reply))
+
+    def load_scripts(self) -> ScriptsLoaded:
+        """SCRIPT LOAD every shipped script, so the first EVALSHA after a deploy, restart or
+        SCRIPT FLUSH finds it cached. On a cluster every node that CLUSTER NODES lists as up
+        is loaded, replicas included (the script cache is not replicated, and a promoted
+        replica serves the next calls); nodes flagged failed are listed in ``skipped``.
+        Each node is then asked SCRIPT EXISTS: a node that does not hold every script raises
+        :class:`~convstate.errors.ConfigurationError` rather than reporting success."""
+        sources = {name: script_source(name) for name in SCRIPT_NAMES}
+        expected = {name: self._scripts_sha(src) for name, src in sources.items()}
+        loaded: list[str] = []
+        skipped: list[str] = []
+        with contextlib.ExitStack() as stack:
+            if isinstance(self.redis, redis.RedisCluster):
+                targets = self._cluster_nodes(stack, skipped)
+            else:
+                kw = self.redis.get_connection_kwargs()
+                where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
+                targets = [(str(where), self.redis)]
+            for where, node in targets:
+                self._load_on(node, where, sources, expected)
+                loaded.append(where)
+        return ScriptsLoaded(scripts=expected, nodes=loaded, skipped=skipped)
+
+    @staticmethod
+    def _load_on(
+        node: redis.Redis, where: str, sources: dict[str, str], expected: dict[str, str]
+    ) -> None:
+        for name, src in sources.items():
+            sha = node.script_load(src)
+            if sha != expected[name]:
+                raise ConfigurationError(
+                    f"{where} answered SCRIPT LOAD of {name}.lua with {sha!r}, expected "
+                    f"{expected[name]}: is this a Redis-compatible server?"
+                )
+        present = node.script_exists(*expected.values())
+        missing = [n for n, ok in zip(expected, present, strict=True) if not ok]
+        if missing:
+            raise ConfigurationError(
+                f"{where} does not hold {', '.join(missing)} right after SCRIPT LOAD "
+                "(a SCRIPT FLUSH ran meanwhile?): run `convstate scripts load` again"
+            )
+
+    def _cluster_nodes(
+        self, stack: contextlib.ExitStack, skipped: list[str]
+    ) -> list[tuple[str, redis.Redis]]:
+        """A direct client to every node of the cluster that is up, with the connection
+        settings (TLS, ACL user) of the client we were given. redis-py only tracks primaries
+        unless it reads from replicas, so the node list comes from CLUSTER NODES."""
+        assert isinstance(self.redis, redis.RedisCluster)
+        seed = self.redis.get_default_node().redis_connection
+        assert seed is not None
+        pool = seed.connection_pool
+        targets: list[tuple[str, redis.Redis]] = []
+        for where, info in sorted(self.redis.cluster_nodes().items()):
+            flags = set(str(info.get("flags", "")).split(","))
+            if flags & {"fail", "fail?", "handshake", "noaddr"} or not info.get("connected"):
+                skipped.append(where)
+                continue
+            host, _, port = where.rpartition(":")
+            node_pool = redis.ConnectionPool(
+                connection_class=pool.connection_class,
+                **{**pool.connection_kwargs, "host": host, "port": int(port)},
+            )
+            targets.append((where, stack.enter_context(redis.Redis(connection_pool=node_pool))))
+        return targets
+
+    @staticmethod
+    def _scripts_sha(source: str) -> str:
+        return hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()

@@ -333,6 +333,32 @@ def requeue(session_ids: tuple[str, ...], all_dead: bool, as_json: bool, **conn:
         _report_queued(sid, queued, False, "it is not in the dead-letter state")
 
 
+@main.group()
+def scripts() -> None:
+    """The Lua scripts convstate runs on the server."""
+
+
+@scripts.command("load")
+@_connection_options
+def scripts_load(as_json: bool, **conn: Any) -> None:
+    """Preload every script into the script cache (every node of a cluster) and check it.
+
+    Clients reload a missing script on their own; preloading after a deploy, a restart or a
+    SCRIPT FLUSH spares the first calls that extra round trip."""
+    with _admin(**conn) as admin:
+        loaded = admin.load_scripts()
+    if as_json:
+        _echo_json(loaded.as_dict())
+        return
+    click.echo(f"loaded {len(loaded.scripts)} scripts on {len(loaded.nodes)} node(s)")
+    for node in loaded.nodes:
+        click.echo(f"  node {node}")
+    for node in loaded.skipped:
+        click.echo(f"  skipped {node}: CLUSTER NODES reports it failed or unreachable")
+    for name, sha in loaded.scripts.items():
+        click.echo(f"  {sha}  {name}.lua")
+
+
 def _report_queued(session_id: str, queued: bool, as_json: bool, why_not: str) -> None:
     if as_json:
         _echo_json({session_id: queued})
