@@ -77,6 +77,12 @@ _REDIRECTED = (AskError, TryAgainError, ClusterDownError)  # MovedError is an As
 #: Text the summary message starts with (stripped again when the summary is rolled).
 SUMMARY_PREFIX = "Summary of the conversation so far:\n"
 
+#: Swap results that give the session back for a retry: (meta last_error, outcome note).
+_SWAP_RETRY_REASONS = {
+    "changed": ("history prefix changed", "history prefix changed"),
+    "racing": ("swap kept racing appends", "swap retries exhausted"),
+}
+
 
 @dataclass(frozen=True)
 class CompactorConfig:
@@ -499,24 +505,17 @@ class Compactor:
                 swap_attempts=attempts,
                 note="fenced at swap",
             )
-        if result == "changed":
-            # Only a delete or an outside rewrite can change the prefix.
-            state = await self.release(claim, "retry", "history prefix changed")
-            return Outcome(
-                sid,
-                "dead" if state == "dead" else "retry",
-                tokens_before,
-                note="history prefix changed",
-            )
-        if result == "racing":
-            state = await self.release(claim, "retry", "swap kept racing appends")
+        if result in _SWAP_RETRY_REASONS:
+            # "changed": only a delete or an outside rewrite can change the prefix.
+            last_error, note = _SWAP_RETRY_REASONS[result]
+            state = await self.release(claim, "retry", last_error)
             return Outcome(
                 sid,
                 "dead" if state == "dead" else "retry",
                 tokens_before,
                 summary_ms=summary_ms,
                 swap_attempts=attempts,
-                note="swap retries exhausted",
+                note=note,
             )
         if over:  # e.g. appends during the summary: queued again, wake a daemon promptly
             await self._wake(sid)
