@@ -1265,6 +1265,68 @@ def test_wait_replicas_append_during_a_slot_migration(
         rc.delete(*filler)
 
 
+def test_wait_replicas_after_an_ask_redirect_waits_on_the_node_that_stored_it() -> None:
+    """Half-way through a migration the source answers ASK and the append runs on the target:
+    its WAIT must count the target's replicas, not those of the source (which, asked on a
+    connection that wrote nothing, would report every replica at once)."""
+    with LocalCluster("redis", masters=3, replicas_per_master=1) as local:
+        prefix = new_prefix()
+        schema = KeySchema(prefix, FEW_SHARDS)
+        shard = 6
+        sid, flagged = sessions_in_shard(schema, shard, 2, "ask")
+        slot = slot_of(schema.shard_tag(shard))
+        source = local.master_of_slot(slot)
+        target = other_master(local, source)
+        store = ConversationStore.from_url(
+            local.url,
+            cluster=True,
+            token_limit=10**6,
+            encoding=ENC,
+            prefix=prefix,
+            shards=FEW_SHARDS,
+            wait_replicas=1,
+            wait_timeout_ms=300,
+        )
+        try:
+            store.create_session(sid, system=SYSTEM)
+            assert store.append(sid, turn(sid, 0)).replicas == 1
+            # The shard's queue must exist too: with a key of the script missing on both
+            # sides, a migrating slot answers TRYAGAIN until the migration ends.
+            store.create_session(flagged, token_limit=5)
+            assert store.append(flagged, turn(flagged, 0)).flagged
+            # Every key of the slot moved to the target; the slot is still the source's.
+            with source.client(socket_timeout=10) as src, target.client() as dst:
+                dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", local.node_id(source))
+                src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", local.node_id(target))
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+                assert keys
+                src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+            stalled = replica_of(local, target)
+            assert stalled.pid is not None
+            os.kill(stalled.pid, signal.SIGSTOP)  # the target's replica stops acknowledging
+            try:
+                result = store.append(sid, turn(sid, 1))
+            finally:
+                os.kill(stalled.pid, signal.SIGCONT)
+            assert result.replicas == 0
+            with target.client() as dst:
+                pipe = dst.pipeline(transaction=False)
+                pipe.execute_command("ASKING")
+                pipe.hget(schema.session(sid).meta, "message_count")
+                assert int(pipe.execute()[1]) == 3  # the system message and two turns, once
+            with source.client() as src:  # nothing was written on the source
+                assert src.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+            for node in local.masters:
+                with node.client() as direct:
+                    direct.execute_command(
+                        "CLUSTER", "SETSLOT", slot, "NODE", local.node_id(target)
+                    )
+            ok = store.append(sid, turn(sid, 2))
+            assert (ok.replicas, ok.message_count) == (1, 4)
+        finally:
+            store.close()
+
+
 class FlakyEvalsha:
     """Raises ``failures`` (then forever ``forever``, if given) before the real EVALSHA."""
 

@@ -9,6 +9,7 @@ its script in one round trip, and decodes the reply. The two classes therefore d
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -34,7 +35,13 @@ from convstate.operations import (
     StoreConfig,
     check_shard_config,
 )
-from convstate.scripts import NOSCRIPT_RELOADS, all_sources, arun_script, run_script
+from convstate.scripts import (
+    NOSCRIPT_RELOADS,
+    Retries,
+    all_sources,
+    arun_script,
+    run_script,
+)
 from convstate.tokens import TiktokenCounter, TokenCounter
 
 if TYPE_CHECKING:
@@ -86,6 +93,51 @@ def _with_replicas(result: T, acked: Any) -> T:
 def _translate(exc: ResponseError) -> Exception:
     """A script's error reply -> its typed convstate exception (other errors unchanged)."""
     return from_script_error(str(exc)) or exc
+
+
+class _SlotRoute:
+    """Where the EVALSHA + WAIT pipeline of :meth:`ConversationStore._append_and_wait` goes
+    on a cluster: the master of the key's slot, or for one try the node an ASK named. Each
+    reply that means "not run here" is handled as redis-py's cluster client would: MOVED
+    updates the slot map, ASK sends the next try there behind ASKING, TRYAGAIN and
+    CLUSTERDOWN wait (with backoff) for the migration or failover to end; all within
+    ``retry_seconds``, after which the reply is raised."""
+
+    def __init__(self, cluster: redis.RedisCluster, key: str, retry_seconds: float) -> None:
+        self._cluster: Any = cluster  # redis-py's cluster internals are untyped
+        self._key = key
+        self._retries = Retries(retry_seconds)
+        self._ask: Any = None  # the ClusterNode an ASK named, for the next try only
+        self._last: Any = None
+
+    def client(self) -> tuple[redis.Redis, bool]:
+        """A client for the next try, and whether it must be preceded by ASKING."""
+        node, asking = self._ask, self._ask is not None
+        self._ask = None
+        if node is None:
+            node = self._cluster.get_node_from_key(self._key)
+        self._last = node
+        conn = node.redis_connection or self._cluster.get_redis_connection(node)
+        return conn, asking
+
+    def redirected(self, exc: Exception) -> None:
+        pause = self._retries.cluster_pause()
+        if pause is None:
+            raise exc
+        manager = self._cluster.nodes_manager
+        if isinstance(exc, AskError):  # MOVED or ASK: both name the node to go to
+            if not exc.host and self._last is not None:
+                exc.host = self._last.host
+            if isinstance(exc, MovedError):
+                manager.move_slot(exc)
+                return
+            host, port = manager.remap_host_port(exc.host, exc.port)
+            self._ask = self._cluster.get_node(host=host, port=port)
+            if self._ask is not None:
+                return
+        elif isinstance(exc, ClusterDownError):
+            manager.initialize()
+        time.sleep(pause)
 
 
 class _StoreBase(Generic[C]):
@@ -464,36 +516,35 @@ class ConversationStore(_StoreBase["redis.Redis"]):
 
     def _append_and_wait(self, op: Op[T]) -> T:
         """EVALSHA then WAIT, pipelined on one connection (WAIT counts that connection's
-        writes). On a cluster the pair goes to the node owning the session's slot; if the
-        slot just moved, the append takes the normal (redirected) path and WAIT follows it on
-        the new owner."""
+        writes). On a cluster the pair goes to the node owning the session's slot, and after
+        a redirect (the script did not run) to the node the redirect names: after ASK the
+        pair is sent there behind ASKING, so WAIT counts the replicas of the node that
+        stored the message, never those of one that did not."""
         script, keys = self._scripts[op.script], op.keys
-        cluster: Any = self.redis if isinstance(self.redis, redis.RedisCluster) else None
+        route = (
+            _SlotRoute(self.redis, keys[0], self.cluster_retry_timeout)
+            if isinstance(self.redis, redis.RedisCluster)
+            else None
+        )
         reloads = 0
         while True:
             client: Any = self.redis
-            if cluster is not None:
-                node = cluster.get_node_from_key(keys[0])
-                client = node.redis_connection or cluster.get_redis_connection(node)
+            asking = False
+            if route is not None:
+                client, asking = route.client()
             pipe = client.pipeline(transaction=False)
+            if asking:
+                pipe.execute_command("ASKING")
             pipe.evalsha(script.sha, len(keys), *keys, *op.args)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            reply, acked = pipe.execute(raise_on_error=False)
+            *_, reply, acked = pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError) and reloads < NOSCRIPT_RELOADS:
                 reloads += 1
                 script.sha = client.script_load(script.script)
                 continue
-            if cluster is not None and isinstance(reply, _NOT_RUN_ON_THIS_NODE):
-                # The slot moved, is moving (ASK, TRYAGAIN) or the cluster is down: the
-                # script did not run here. The cluster client follows the redirect and
-                # retries; WAIT then goes to the slot's owner.
-                reply = self._evalsha(op)
-                acked = cluster.execute_command(
-                    "WAIT",
-                    self.wait_replicas,
-                    self.wait_timeout_ms,
-                    target_nodes=cluster.get_node_from_key(keys[0]),
-                )
+            if route is not None and isinstance(reply, _NOT_RUN_ON_THIS_NODE):
+                route.redirected(reply)  # raises it once the retry time is spent
+                continue
             if isinstance(reply, Exception):
                 raise reply
             return _with_replicas(op.decode(reply), acked)

@@ -80,7 +80,7 @@ def all_sources() -> dict[str, str]:
     return {name: script_source(name) for name in SCRIPT_NAMES}
 
 
-class _Retries:
+class Retries:
     """What one script call has retried so far: NOSCRIPT reloads, and the deadline and backoff
     of its cluster retries (created only once something failed: appends never pay for it)."""
 
@@ -122,17 +122,17 @@ def run_script(
     :data:`NOSCRIPT_RELOADS` times; TRYAGAIN and ClusterError are retried with backoff for
     ``cluster_retry_seconds``. Either reply means the script ran nothing, so a retry is still
     one write."""
-    retries: _Retries | None = None
+    retries: Retries | None = None
     while True:
         try:
             return client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            retries = retries or _Retries(cluster_retry_seconds)
+            retries = retries or Retries(cluster_retry_seconds)
             if not retries.may_reload():
                 raise
             script.sha = client.script_load(script.script)
         except _NOT_RUN_ON_CLUSTER:
-            retries = retries or _Retries(cluster_retry_seconds)
+            retries = retries or Retries(cluster_retry_seconds)
             pause = retries.cluster_pause()
             if pause is None:
                 raise
@@ -148,17 +148,17 @@ async def arun_script(
     cluster_retry_seconds: float = 0.0,
 ) -> Any:
     """:func:`run_script` for asyncio clients."""
-    retries: _Retries | None = None
+    retries: Retries | None = None
     while True:
         try:
             return await client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            retries = retries or _Retries(cluster_retry_seconds)
+            retries = retries or Retries(cluster_retry_seconds)
             if not retries.may_reload():
                 raise
             script.sha = await client.script_load(script.script)
         except _NOT_RUN_ON_CLUSTER:
-            retries = retries or _Retries(cluster_retry_seconds)
+            retries = retries or Retries(cluster_retry_seconds)
             pause = retries.cluster_pause()
             if pause is None:
                 raise
