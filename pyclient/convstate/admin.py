@@ -202,7 +202,7 @@ class Admin:
                 connection_class=pool.connection_class,
                 **{**pool.connection_kwargs, "host": host, "port": int(port)},
             )
-            targets.append((where, stack.enter_context(redis.Redis(connection_pool=node_pool))))
+            targets.append((where, stack.enter_context(redis.Redis.from_pool(node_pool))))
         return targets
 
     @staticmethod

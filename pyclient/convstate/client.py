@@ -35,13 +35,7 @@ from convstate.operations import (
     StoreConfig,
     check_shard_config,
 )
-from convstate.scripts import (
-    NOSCRIPT_RELOADS,
-    Retries,
-    all_sources,
-    arun_script,
-    run_script,
-)
+from convstate.scripts import Retries, all_sources, arun_script, run_script
 from convstate.tokens import TiktokenCounter, TokenCounter
 
 if TYPE_CHECKING:
@@ -101,12 +95,12 @@ class _SlotRoute:
     reply that means "not run here" is handled as redis-py's cluster client would: MOVED
     updates the slot map, ASK sends the next try there behind ASKING, TRYAGAIN and
     CLUSTERDOWN wait (with backoff) for the migration or failover to end; all within
-    ``retry_seconds``, after which the reply is raised."""
+    the cluster retry time of ``retries``, after which the reply is raised."""
 
-    def __init__(self, cluster: redis.RedisCluster, key: str, retry_seconds: float) -> None:
+    def __init__(self, cluster: redis.RedisCluster, key: str, retries: Retries) -> None:
         self._cluster: Any = cluster  # redis-py's cluster internals are untyped
         self._key = key
-        self._retries = Retries(retry_seconds)
+        self._retries = retries
         self._ask: Any = None  # the ClusterNode an ASK named, for the next try only
         self._last: Any = None
 
@@ -328,14 +322,13 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
                 "AsyncConversationStore on a standalone server"
             )
         script, keys = self._scripts[op.script], op.keys
-        reloads = 0
+        retries = Retries(self.cluster_retry_timeout)
         while True:
             pipe = self.redis.pipeline(transaction=False)
             pipe.evalsha(script.sha, len(keys), *keys, *op.args)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             reply, acked = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError) and reloads < NOSCRIPT_RELOADS:
-                reloads += 1
+            if isinstance(reply, NoScriptError) and retries.may_reload():
                 script.sha = await self.redis.script_load(script.script)
                 continue
             if isinstance(reply, Exception):
@@ -521,12 +514,12 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         pair is sent there behind ASKING, so WAIT counts the replicas of the node that
         stored the message, never those of one that did not."""
         script, keys = self._scripts[op.script], op.keys
+        retries = Retries(self.cluster_retry_timeout)
         route = (
-            _SlotRoute(self.redis, keys[0], self.cluster_retry_timeout)
+            _SlotRoute(self.redis, keys[0], retries)
             if isinstance(self.redis, redis.RedisCluster)
             else None
         )
-        reloads = 0
         while True:
             client: Any = self.redis
             asking = False
@@ -538,8 +531,7 @@ class ConversationStore(_StoreBase["redis.Redis"]):
             pipe.evalsha(script.sha, len(keys), *keys, *op.args)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             *_, reply, acked = pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError) and reloads < NOSCRIPT_RELOADS:
-                reloads += 1
+            if isinstance(reply, NoScriptError) and retries.may_reload():
                 script.sha = client.script_load(script.script)
                 continue
             if route is not None and isinstance(reply, _NOT_RUN_ON_THIS_NODE):
@@ -552,9 +544,9 @@ class ConversationStore(_StoreBase["redis.Redis"]):
     def _evalsha(self, op: Op[Any]) -> Any:
         """Run ``op``'s script: EVALSHA with the sha ``register_script`` computed
         (:func:`~convstate.scripts.run_script`): a NOSCRIPT reply is retried up to
-        :data:`NOSCRIPT_RELOADS` times, and on a cluster TRYAGAIN and ClusterError are retried
-        for :attr:`cluster_retry_timeout` seconds (a long slot migration outlasts redis-py's
-        own retries).
+        :data:`~convstate.scripts.NOSCRIPT_RELOADS` times, and on a cluster TRYAGAIN and
+        ClusterError are retried for :attr:`cluster_retry_timeout` seconds (a long slot
+        migration outlasts redis-py's own retries).
         """
         return run_script(
             self.redis,
