@@ -201,6 +201,29 @@ def throttled_migrate(
         monkeypatch.setattr(cluster, "_command", original)
 
 
+def moving_shard(
+    cluster: LocalCluster, shard: int, count: int, stem: str
+) -> tuple[str, KeySchema, list[str], int, RedisServer, RedisServer]:
+    """A fresh prefix over :data:`FEW_SHARDS` shards, ``count`` sessions of ``shard``, the
+    shard's slot, the master serving it (``source``) and another master (``target``): the
+    setup of every test that moves a slot."""
+    prefix = new_prefix()
+    schema = KeySchema(prefix, FEW_SHARDS)
+    sids = sessions_in_shard(schema, shard, count, stem)
+    slot = slot_of(schema.shard_tag(shard))
+    assert {session_slot(schema, sid) for sid in sids} == {slot}
+    source = cluster.master_of_slot(slot)
+    return prefix, schema, sids, slot, source, other_master(cluster, source)
+
+
+def few_shards_store(url: str, prefix: str, **options: Any) -> ConversationStore:
+    """A sync cluster store on ``prefix`` over :data:`FEW_SHARDS` shards."""
+    options.setdefault("token_limit", TOKEN_LIMIT)
+    return ConversationStore.from_url(
+        url, cluster=True, encoding=ENC, prefix=prefix, shards=FEW_SHARDS, **options
+    )
+
+
 def append_number(message_id: str) -> int:
     """The sequence number of an :class:`Appender` id (``<sid>:<n>``)."""
     return int(message_id.rsplit(":", 1)[1])
@@ -678,26 +701,13 @@ async def test_swap_sees_an_append_when_the_slot_moves_between_watch_and_exec(
     asyncio cluster transaction follows the MOVED of the read after WATCH on a fresh
     connection to the new owner, where nothing is watched.) The WATCH and the EXEC are
     spotted on the wire, so any WATCH/MULTI implementation meets the same race."""
-    prefix = new_prefix()
-    schema = KeySchema(prefix, FEW_SHARDS)
-    shard = 12
-    sid = sessions_in_shard(schema, shard, 1, "race")[0]
+    prefix, schema, (sid,), slot, source, target = moving_shard(cluster, 12, 1, "race")
     keys = schema.session(sid)
-    slot = slot_of(schema.shard_tag(shard))
-    source = cluster.master_of_slot(slot)
-    target = other_master(cluster, source)
     client: Any = redis.asyncio.RedisCluster.from_url(cluster.url)
     store = AsyncConversationStore(
         client, token_limit=TOKEN_LIMIT, encoding=ENC, prefix=prefix, shards=FEW_SHARDS
     )
-    writer = ConversationStore.from_url(
-        cluster.url,
-        cluster=True,
-        token_limit=TOKEN_LIMIT,
-        encoding=ENC,
-        prefix=prefix,
-        shards=FEW_SHARDS,
-    )
+    writer = few_shards_store(cluster.url, prefix)
     compactor = Compactor(
         client,
         schema,
@@ -1096,22 +1106,9 @@ async def test_wait_replicas_on_a_standalone_master_and_replica() -> None:
 def test_slot_migration_under_appends_and_compactions(
     cluster: LocalCluster, rc: redis.RedisCluster, spawn: Callable[..., DaemonProcess]
 ) -> None:
-    prefix = new_prefix()
-    schema = KeySchema(prefix, FEW_SHARDS)
     shard = 3
-    sids = sessions_in_shard(schema, shard, 4, "mig")
-    slot = slot_of(schema.shard_tag(shard))
-    assert {session_slot(schema, sid) for sid in sids} == {slot}
-    source = cluster.master_of_slot(slot)
-    target = other_master(cluster, source)
-    store = ConversationStore.from_url(
-        cluster.url,
-        cluster=True,
-        token_limit=TOKEN_LIMIT,
-        encoding=ENC,
-        prefix=prefix,
-        shards=FEW_SHARDS,
-    )
+    prefix, schema, sids, slot, source, target = moving_shard(cluster, shard, 4, "mig")
+    store = few_shards_store(cluster.url, prefix)
     filler = fill_slot(source, schema.shard_tag(shard), 1500)
     daemon = spawn(cluster.url, prefix, FEW_SHARDS)
     appender = Appender(cluster.url, prefix, FEW_SHARDS, sids, duration=3.0)
@@ -1168,21 +1165,9 @@ def test_long_slot_migration_under_appends_and_compactions(
     KEYS usually does not exist, so that is most appends); redis-py retries TRYAGAIN 16
     times (~0.4 s) and then raises ClusterError("TTL exhausted."). Appends must not fail
     and the daemon must keep compacting afterwards."""
-    prefix = new_prefix()
-    schema = KeySchema(prefix, FEW_SHARDS)
     shard = 5
-    sids = sessions_in_shard(schema, shard, 4, "long")
-    slot = slot_of(schema.shard_tag(shard))
-    source = cluster.master_of_slot(slot)
-    target = other_master(cluster, source)
-    store = ConversationStore.from_url(
-        cluster.url,
-        cluster=True,
-        token_limit=TOKEN_LIMIT,
-        encoding=ENC,
-        prefix=prefix,
-        shards=FEW_SHARDS,
-    )
+    prefix, schema, sids, slot, source, target = moving_shard(cluster, shard, 4, "long")
+    store = few_shards_store(cluster.url, prefix)
     filler = fill_slot(source, schema.shard_tag(shard), 3000)
     daemon = spawn(cluster.url, prefix, FEW_SHARDS)
     appender = Appender(cluster.url, prefix, FEW_SHARDS, sids, duration=8.0)
@@ -1231,16 +1216,9 @@ def test_wait_replicas_append_during_a_slot_migration(
     """With ``wait_replicas`` the append and its WAIT go to the node as a pipeline of its own;
     a TRYAGAIN during a migration (well within redis-py's retries: ~0.3 s) must be retried
     like the plain path does, not raised."""
-    prefix = new_prefix()
-    schema = KeySchema(prefix, FEW_SHARDS)
     shard = 6
-    sids = sessions_in_shard(schema, shard, 4, "waitmig")
-    slot = slot_of(schema.shard_tag(shard))
-    source = cluster.master_of_slot(slot)
-    target = other_master(cluster, source)
-    store = ConversationStore.from_url(
-        cluster.url, cluster=True, token_limit=10**6, encoding=ENC, prefix=prefix, shards=FEW_SHARDS
-    )
+    prefix, schema, sids, slot, source, target = moving_shard(cluster, shard, 4, "waitmig")
+    store = few_shards_store(cluster.url, prefix, token_limit=10**6)
     filler = fill_slot(source, schema.shard_tag(shard), 600)
     options = {"wait_replicas": 1, "wait_timeout_ms": 200}
     appender = Appender(
@@ -1270,22 +1248,9 @@ def test_wait_replicas_after_an_ask_redirect_waits_on_the_node_that_stored_it() 
     its WAIT must count the target's replicas, not those of the source (which, asked on a
     connection that wrote nothing, would report every replica at once)."""
     with LocalCluster("redis", masters=3, replicas_per_master=1) as local:
-        prefix = new_prefix()
-        schema = KeySchema(prefix, FEW_SHARDS)
-        shard = 6
-        sid, flagged = sessions_in_shard(schema, shard, 2, "ask")
-        slot = slot_of(schema.shard_tag(shard))
-        source = local.master_of_slot(slot)
-        target = other_master(local, source)
-        store = ConversationStore.from_url(
-            local.url,
-            cluster=True,
-            token_limit=10**6,
-            encoding=ENC,
-            prefix=prefix,
-            shards=FEW_SHARDS,
-            wait_replicas=1,
-            wait_timeout_ms=300,
+        prefix, schema, (sid, flagged), slot, source, target = moving_shard(local, 6, 2, "ask")
+        store = few_shards_store(
+            local.url, prefix, token_limit=10**6, wait_replicas=1, wait_timeout_ms=300
         )
         try:
             store.create_session(sid, system=SYSTEM)
