@@ -465,22 +465,11 @@ class Writer:
                     result = self.store.append_many(sid, msgs)
             except TRANSIENT_ERRORS as exc:
                 self.stats[f"transient:{type(exc).__name__}"] += 1
-                self.emit(
-                    k="err",
-                    sid=sid,
-                    op=op,
-                    ids=ids,
-                    t=time.time(),
-                    type=type(exc).__name__,
-                    msg=str(exc)[:200],
-                    transient=True,
-                )
+                self._error(sid, op, ids, exc, transient=True)
                 if tries >= self.spec.max_tries or (
                     time.monotonic() - started > self.spec.give_up_after
                 ):
-                    self.stats["gave_up"] += 1
-                    self.emit(k="giveup", sid=sid, op=op, ids=ids, t=time.time())
-                    return None
+                    return self._give_up(sid, op, ids)
                 time.sleep(min(0.2, 0.005 * 2 ** min(tries, 6)))
                 continue
             except Exception as exc:
@@ -493,22 +482,11 @@ class Writer:
                 # Anything else reached the caller: the soak counts it as a failure. A Redis
                 # error (e.g. NOSCRIPT leaking through) is retried with the same id.
                 self.stats["unexpected"] += 1
-                self.emit(
-                    k="err",
-                    sid=sid,
-                    op=op,
-                    ids=ids,
-                    t=time.time(),
-                    type=type(exc).__name__,
-                    msg=str(exc)[:300],
-                    transient=False,
-                )
+                self._error(sid, op, ids, exc, transient=False)
                 if isinstance(exc, redis.RedisError) and tries < self.spec.max_tries:
                     time.sleep(0.05)
                     continue
-                self.stats["gave_up"] += 1
-                self.emit(k="giveup", sid=sid, op=op, ids=ids, t=time.time())
-                return None
+                return self._give_up(sid, op, ids)
             self.emit(
                 k="ack",
                 sid=sid,
@@ -528,6 +506,23 @@ class Writer:
             if expect is not None:
                 self.stats["bad_input_accepted"] += 1
             return result
+
+    def _error(self, sid: str, op: str, ids: list[str], exc: Exception, *, transient: bool) -> None:
+        """Log an error a call met (``transient``: one the writer retries by design)."""
+        self.emit(
+            k="err",
+            sid=sid,
+            op=op,
+            ids=ids,
+            t=time.time(),
+            type=type(exc).__name__,
+            msg=str(exc)[: 200 if transient else 300],
+            transient=transient,
+        )
+
+    def _give_up(self, sid: str, op: str, ids: list[str]) -> None:
+        self.stats["gave_up"] += 1
+        self.emit(k="giveup", sid=sid, op=op, ids=ids, t=time.time())
 
     def step(self) -> None:
         rng = self.rng
