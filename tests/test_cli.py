@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.processes import run_cli
 from tests.servers import RedisServer, default_engine
 
 #: A small demo: 3 sessions from 2 writer processes, 20 exchanges each, quick pacing.
@@ -30,15 +31,7 @@ CHECKS = {
 
 
 def _demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k != "CONVSTATE_REDIS_URL"}
-    return subprocess.run(
-        [sys.executable, "-m", "convstate.cli", "demo", *args],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env={**base, **(env or {})},
-        check=False,
-    )
+    return run_cli("demo", *args, env=env, timeout=90)
 
 
 @pytest.mark.slow
@@ -306,16 +299,6 @@ def test_demo_options_and_scripted_conversations() -> None:
     assert all("{" not in t or t.startswith("{") for t in texts if t)  # templates filled
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "convstate.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_operator_commands_show_and_move_dead_letter_sessions(redis_url: str, prefix: str) -> None:
     import redis
 
@@ -328,7 +311,7 @@ def test_operator_commands_show_and_move_dead_letter_sessions(redis_url: str, pr
     assert store.append("s1", {"role": "user", "content": "enough words to pass the limit"}).flagged
     conn = ["--redis-url", redis_url, "--prefix", prefix, "--shards", "4"]
 
-    proc = _cli("stats", *conn, "--json")
+    proc = run_cli("stats", *conn, "--json")
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
     assert (stats["queued"], stats["dead"], stats["shards"]) == (1, 0, 4)
@@ -341,24 +324,24 @@ def test_operator_commands_show_and_move_dead_letter_sessions(redis_url: str, pr
     r.zadd(k.dead, {"s1": 1})
     r.hset(k.meta, mapping={"state": "dead", "last_error": "model down", "attempts": 5})
 
-    proc = _cli("stats", *conn)
+    proc = run_cli("stats", *conn)
     assert "dead 1" in proc.stdout
     assert "dead: s1" in proc.stdout
-    proc = _cli("inspect", "s1", *conn)
+    proc = run_cli("inspect", "s1", *conn)
     assert proc.returncode == 0, proc.stderr
     assert "s1: dead" in proc.stdout
     assert "last_error: model down" in proc.stdout
     assert "system" in proc.stdout
-    assert json.loads(_cli("inspect", "s1", *conn, "--json").stdout)["meta"]["state"] == "dead"
+    assert json.loads(run_cli("inspect", "s1", *conn, "--json").stdout)["meta"]["state"] == "dead"
 
-    proc = _cli("requeue", "--all", *conn)
+    proc = run_cli("requeue", "--all", *conn)
     assert "s1: queued for compaction" in proc.stdout
     assert store.get_state("s1").meta.state == "queued"
     assert r.zscore(k.queue, "s1") is not None
     assert r.zscore(k.dead, "s1") is None
-    assert "not queued" in _cli("compact", "s1", *conn).stdout  # already queued
-    assert _cli("inspect", "missing", *conn).returncode == 1
-    assert _cli("requeue", *conn).returncode == 2
+    assert "not queued" in run_cli("compact", "s1", *conn).stdout  # already queued
+    assert run_cli("inspect", "missing", *conn).returncode == 1
+    assert run_cli("requeue", *conn).returncode == 2
     r.close()
     store.close()
 
@@ -377,7 +360,7 @@ def test_operator_commands_show_and_move_dead_letter_sessions(redis_url: str, pr
 def test_a_malformed_redis_url_is_a_usage_error_not_a_traceback(url: str) -> None:
     commands = (["stats"], ["inspect", "s1"], ["requeue", "--all"], ["scripts", "load"])
     for command in (*commands, ["daemon"], ["demo"]):
-        proc = _cli(*command, "--redis-url", url)
+        proc = run_cli(*command, "--redis-url", url)
         where = f"{command} {url}: {proc.stderr}"
         assert proc.returncode == 2, where
         assert "Traceback" not in proc.stderr, where
@@ -388,12 +371,12 @@ def test_a_malformed_redis_url_is_a_usage_error_not_a_traceback(url: str) -> Non
 
 def test_cluster_flag_against_a_standalone_server_says_so(redis_url: str) -> None:
     for command in (["stats"], ["inspect", "s1"]):
-        proc = _cli(*command, "--cluster", "--redis-url", redis_url, "--shards", "4")
+        proc = run_cli(*command, "--cluster", "--redis-url", redis_url, "--shards", "4")
         assert proc.returncode == 1, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
         assert "Cluster mode is not enabled" in proc.stderr, proc.stderr
         assert "drop --cluster" in proc.stderr, proc.stderr
-    proc = _cli("stats", "--cluster", "--redis-url", "unix:///nonexistent/redis.sock")
+    proc = run_cli("stats", "--cluster", "--redis-url", "unix:///nonexistent/redis.sock")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "Redis Cluster error" in proc.stderr, proc.stderr
@@ -416,7 +399,7 @@ def test_scripts_load_preloads_every_script_so_no_call_meets_noscript() -> None:
             direct.script_flush()
             assert not any(direct.script_exists(*shas.values()))
 
-            proc = _cli("scripts", "load", "--redis-url", server.url, "--json")
+            proc = run_cli("scripts", "load", "--redis-url", server.url, "--json")
             assert proc.returncode == 0, proc.stderr
             report = json.loads(proc.stdout)
             assert report["scripts"] == shas
@@ -436,7 +419,7 @@ def test_scripts_load_preloads_every_script_so_no_call_meets_noscript() -> None:
             store.close()
             assert "errorstat_NOSCRIPT" not in direct.info("errorstats")
 
-            proc = _cli("scripts", "load", "--redis-url", server.url)
+            proc = run_cli("scripts", "load", "--redis-url", server.url)
             assert proc.returncode == 0, proc.stderr
             assert f"loaded {len(shas)} scripts on 1 node(s)" in proc.stdout
             for name, sha in shas.items():
@@ -444,7 +427,7 @@ def test_scripts_load_preloads_every_script_so_no_call_meets_noscript() -> None:
     finally:
         server.stop()
 
-    proc = _cli("scripts", "load", "--redis-url", url)  # the server is gone
+    proc = run_cli("scripts", "load", "--redis-url", url)  # the server is gone
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr, proc.stderr
     assert url.removesuffix("/0") in proc.stderr, proc.stderr

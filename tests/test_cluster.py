@@ -64,6 +64,7 @@ from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.planner import CompactionPolicy
 from convstate.summarizers import ExtractiveSummarizer, Summary, SummaryRequest
 from convstate.tokens import TiktokenCounter
+from tests.processes import run_cli
 
 pytestmark = pytest.mark.cluster
 
@@ -852,23 +853,12 @@ async def _queue_and_kill(cluster: LocalCluster, prefix: str) -> tuple[list[str]
     return queued, dead
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "convstate.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("CONVSTATE_")},
-    )
-
-
 def test_cli_stats_on_the_cluster(cluster: LocalCluster) -> None:
     prefix = new_prefix()
     queued, dead = asyncio.run(_queue_and_kill(cluster, prefix))
     flush_scripts(cluster)  # as after a restart or failover: no script cached anywhere
     conn = ["--cluster", "--redis-url", cluster.url, "--prefix", prefix]
-    proc = _cli("stats", *conn, "--shards", str(DEFAULT_SHARDS), "--json")
+    proc = run_cli("stats", *conn, "--shards", str(DEFAULT_SHARDS), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads(proc.stdout)
     assert stats["shards"] == DEFAULT_SHARDS
@@ -876,7 +866,7 @@ def test_cli_stats_on_the_cluster(cluster: LocalCluster) -> None:
     assert [sid for sid, _ in stats["dead_sessions"]] == [dead]
     assert stats["oldest_flagged_age_s"] is not None
     assert stats["oldest_flagged_age_s"] < 60
-    proc = _cli("stats", *conn)
+    proc = run_cli("stats", *conn)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"dead: {dead}" in proc.stdout
     assert "queued 3 (due 3)" in proc.stdout, (queued, proc.stdout)

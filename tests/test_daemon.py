@@ -47,6 +47,7 @@ from convstate.daemon import Daemon, DaemonSettings, redact_url
 from convstate.keys import KeySchema
 from convstate.tokens import TiktokenCounter
 from tests.chat_server import ChatServer
+from tests.processes import clean_env
 from tests.servers import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,24 +65,11 @@ TURNS = (
 STARTUP_TIMEOUT = 20.0
 #: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_UNIX_PATH = 107
-#: Keys of the environment a daemon must not inherit from whoever runs the tests.
-SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 T = TypeVar("T")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without CONVSTATE_*, OPENAI_* and systemd variables."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CONVSTATE_", "OPENAI_")) and k not in SCRUBBED_ENV
-    }
-    env.update(extra)
-    return env
 
 
 def daemon_args(redis_url: str, prefix: str, *extra: str) -> list[str]:

@@ -30,7 +30,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
@@ -55,6 +54,8 @@ from convstate.keys import KeySchema
 from convstate.planner import CompactionPolicy
 from convstate.summarizers import ExtractiveSummarizer, Summary, SummaryRequest
 from convstate.tokens import TiktokenCounter
+from tests.processes import clean_env
+from tests.processes import run_cli as run_cli_subprocess
 from tests.servers import RedisServer, default_engine, find_server_binary
 from tests.test_daemon import (
     ENCODING,
@@ -64,7 +65,6 @@ from tests.test_daemon import (
     DaemonProcess,
     Sent,
     assert_compacted,
-    clean_env,
     daemon_args,
     flag_session,
     turn,
@@ -980,39 +980,26 @@ def test_tls_daemon_and_operator_cli(tls_server: TlsServer, prefix: str, tmp_pat
             wait_until(compacted, 15, lambda: f"a compaction over TLS{daemon.describe()}")
             assert_compacted(store, r, prefix, "tls-daemon", sent)
             conn = ["--prefix", prefix, "--shards", str(SHARDS)]
-            proc = run_cli_process("inspect", "tls-daemon", "--redis-url", url, *conn)
+            proc = run_cli_subprocess("inspect", "tls-daemon", "--redis-url", url, *conn)
             assert proc.returncode == 0, proc.stderr
             assert "SUMMARY" in proc.stdout, proc.stdout
-            proc = run_cli_process(
+            proc = run_cli_subprocess(
                 "stats",
                 "--redis-url",
                 tls_server.url,
                 *conn,
-                env=clean_env(SSL_CERT_FILE=str(tls_server.ca)),
+                env={"SSL_CERT_FILE": str(tls_server.ca)},
             )
             assert proc.returncode == 0, proc.stderr
             assert "queued 0" in proc.stdout, proc.stdout
-            proc = run_cli_process("stats", "--redis-url", tls_server.url, *conn)  # the CA unknown
+            # The CA unknown:
+            proc = run_cli_subprocess("stats", "--redis-url", tls_server.url, *conn)
             assert proc.returncode == 1, proc.stdout
             assert "certificate verify failed" in proc.stderr.lower(), proc.stderr
         daemon.send(signal.SIGTERM)
         assert daemon.wait_exit(10) == 0, daemon.describe()
     finally:
         daemon.stop()
-
-
-def run_cli_process(
-    *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "convstate.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env if env is not None else clean_env(),
-        cwd=REPO,
-        check=False,
-    )
 
 
 # -- 3. passwords never in reprs, errors or logs -----------------------------------------------
@@ -1108,7 +1095,7 @@ async def test_auth_failures_hide_the_password(pw_server: RedisServer, prefix: s
 )
 def test_cli_errors_hide_the_password(pw_server: RedisServer, cli_args: list[str]) -> None:
     url = f"redis://:{WRONG_PASSWORD}@127.0.0.1:{pw_server.port}/0"
-    proc = run_cli_process(*cli_args, "--redis-url", url)
+    proc = run_cli_subprocess(*cli_args, "--redis-url", url)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert f"Redis at redis://:***@127.0.0.1:{pw_server.port}/0" in proc.stderr, out

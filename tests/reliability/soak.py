@@ -74,6 +74,7 @@ from convstate.embedded import RedisServer
 from convstate.errors import InvalidMessageError, MessageTooLargeError, SessionNotFoundError
 from convstate.keys import KeySchema
 from convstate.models import AppendResult
+from tests.processes import clean_env
 
 __all__ = [
     "DEFAULT_SCHEDULE",
@@ -135,8 +136,6 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 #: How many samples of each violation kind a report keeps.
 MAX_SAMPLES = 10
-#: Environment variables a daemon must not inherit from whoever runs the soak.
-_SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 SYSTEM_PROMPT = "You are a concise travel planner. Keep answers short and factual."
 SENTENCES = (
@@ -1127,13 +1126,7 @@ class DaemonHandle:
 
 
 def daemon_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CONVSTATE_", "OPENAI_")) and k not in _SCRUBBED_ENV
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return clean_env(PYTHONUNBUFFERED="1")
 
 
 def daemon_argv(config: SoakConfig, url: str) -> list[str]:
