@@ -62,7 +62,7 @@ from convstate.embedded import LocalCluster, RedisServer
 from convstate.errors import ConfigurationError, SessionNotFoundError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.planner import CompactionPolicy
-from convstate.summarizers import ExtractiveSummarizer, Summary, SummaryRequest
+from convstate.summarizers import ExtractiveSummarizer, Summarizer, Summary, SummaryRequest
 from convstate.tokens import TiktokenCounter
 from tests.processes import run_cli
 
@@ -223,6 +223,29 @@ def few_shards_store(url: str, prefix: str, **options: Any) -> ConversationStore
     return ConversationStore.from_url(
         url, cluster=True, encoding=ENC, prefix=prefix, shards=FEW_SHARDS, **options
     )
+
+
+def async_store_and_compactor(
+    url: str,
+    schema: KeySchema,
+    summarizer: Callable[[AsyncConversationStore], Summarizer] | None = None,
+    **config: Any,
+) -> tuple[Any, AsyncConversationStore, Compactor]:
+    """One asyncio cluster client shared by an :class:`AsyncConversationStore` and a
+    :class:`Compactor` on ``schema`` (extractive summaries unless ``summarizer`` builds one
+    from the store; ``config``: :class:`CompactorConfig` fields besides the test policy)."""
+    client: Any = redis.asyncio.RedisCluster.from_url(url)
+    store = AsyncConversationStore(
+        client, token_limit=TOKEN_LIMIT, encoding=ENC, prefix=schema.prefix, shards=schema.shards
+    )
+    compactor = Compactor(
+        client,
+        schema,
+        TiktokenCounter(encoding=ENC),
+        summarizer(store) if summarizer is not None else ExtractiveSummarizer(),
+        CompactorConfig(policy=POLICY, **config),
+    )
+    return client, store, compactor
 
 
 def append_number(message_id: str) -> int:
@@ -619,15 +642,7 @@ async def test_compactor_swap_on_the_cluster(cluster: LocalCluster) -> None:
     prefix = new_prefix()
     schema = KeySchema(prefix)
     sids = [ids[0] for ids in sessions_on_every_master(cluster, schema, 1, "comp").values()]
-    client: Any = redis.asyncio.RedisCluster.from_url(cluster.url)
-    store = AsyncConversationStore(client, token_limit=TOKEN_LIMIT, encoding=ENC, prefix=prefix)
-    compactor = Compactor(
-        client,
-        schema,
-        TiktokenCounter(encoding=ENC),
-        ExtractiveSummarizer(),
-        CompactorConfig(archive=True, policy=POLICY),
-    )
+    client, store, compactor = async_store_and_compactor(cluster.url, schema, archive=True)
     try:
         for sid in sids:
             appended = await flag_async(store, sid)
@@ -658,14 +673,8 @@ async def test_compactor_swap_that_leaves_the_session_over_its_limit(
     prefix = new_prefix()
     schema = KeySchema(prefix)
     sids = [ids[0] for ids in sessions_on_every_master(cluster, schema, 1, "over").values()]
-    client: Any = redis.asyncio.RedisCluster.from_url(cluster.url)
-    store = AsyncConversationStore(client, token_limit=TOKEN_LIMIT, encoding=ENC, prefix=prefix)
-    compactor = Compactor(
-        client,
-        schema,
-        TiktokenCounter(encoding=ENC),
-        AppendingSummarizer(store, 15),
-        CompactorConfig(policy=POLICY),
+    client, store, compactor = async_store_and_compactor(
+        cluster.url, schema, lambda store: AppendingSummarizer(store, 15)
     )
     try:
         for sid in sids:
@@ -704,18 +713,8 @@ async def test_swap_sees_an_append_when_the_slot_moves_between_watch_and_exec(
     spotted on the wire, so any WATCH/MULTI implementation meets the same race."""
     prefix, schema, (sid,), slot, source, target = moving_shard(cluster, 12, 1, "race")
     keys = schema.session(sid)
-    client: Any = redis.asyncio.RedisCluster.from_url(cluster.url)
-    store = AsyncConversationStore(
-        client, token_limit=TOKEN_LIMIT, encoding=ENC, prefix=prefix, shards=FEW_SHARDS
-    )
+    client, store, compactor = async_store_and_compactor(cluster.url, schema)
     writer = few_shards_store(cluster.url, prefix)
-    compactor = Compactor(
-        client,
-        schema,
-        TiktokenCounter(encoding=ENC),
-        ExtractiveSummarizer(),
-        CompactorConfig(policy=POLICY),
-    )
     moved: list[int] = []
     raced: list[str] = []
     real_send = AbstractConnection.send_packed_command
@@ -833,15 +832,7 @@ async def _queue_and_kill(cluster: LocalCluster, prefix: str) -> tuple[list[str]
     by_master = sessions_on_every_master(cluster, schema, 2, "ops")
     queued = [ids[0] for ids in by_master.values()]
     dead = next(iter(by_master.values()))[1]
-    client: Any = redis.asyncio.RedisCluster.from_url(cluster.url)
-    store = AsyncConversationStore(client, token_limit=TOKEN_LIMIT, encoding=ENC, prefix=prefix)
-    compactor = Compactor(
-        client,
-        schema,
-        TiktokenCounter(encoding=ENC),
-        ExtractiveSummarizer(),
-        CompactorConfig(max_attempts=1, policy=POLICY),
-    )
+    client, store, compactor = async_store_and_compactor(cluster.url, schema, max_attempts=1)
     try:
         for sid in [*queued, dead]:
             await flag_async(store, sid)
