@@ -315,7 +315,7 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
 
     async def _append_and_wait(self, op: Op[T]) -> T:
         """EVALSHA then WAIT, pipelined on one connection (WAIT counts that connection's
-        writes). On a cluster the pair goes to the node owning the session's slot."""
+        writes). Standalone servers only: on a cluster, :class:`ConversationStore` does it."""
         if isinstance(self.redis, redis.asyncio.RedisCluster):
             raise ConfigurationError(
                 "wait_replicas is supported by ConversationStore on a cluster, and by "
