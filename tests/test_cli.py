@@ -202,12 +202,13 @@ def test_demo_checks_catch_lost_duplicated_and_miscounted_messages() -> None:
     import copy
 
     from convstate.admin import Stats
-    from convstate.demo import Ack, SessionRow, _Facts, _Stored, verify
+    from convstate.demo.checks import Ack, Facts, Stored, verify
+    from convstate.demo.view import SessionRow
 
     def record(mid: str, role: str, tokens: int) -> dict[str, object]:
         return {"id": mid, "role": role, "tokens": tokens, "kind": "message"}
 
-    good = _Facts(
+    good = Facts(
         rows={"chat-1": SessionRow("chat-1", "t", 0, 600, ("s",), 10)},
         acks=[Ack("chat-1", "m1", "user", 20), Ack("chat-1", "m2", "assistant", 30)],
         writer_counts={0: 2},
@@ -215,7 +216,7 @@ def test_demo_checks_catch_lost_duplicated_and_miscounted_messages() -> None:
         writer_errors=[],
         outcomes=[],
         stored={
-            "chat-1": _Stored(
+            "chat-1": Stored(
                 {"token_count": "60", "message_count": "3", "appended": "3", "token_limit": "600"},
                 [
                     record("s", "system", 10),
@@ -228,7 +229,7 @@ def test_demo_checks_catch_lost_duplicated_and_miscounted_messages() -> None:
         stats=Stats(16, 0, 0, 0, 0, 0, None, []),
     )
 
-    def failed(facts: _Facts) -> set[str]:
+    def failed(facts: Facts) -> set[str]:
         return {c.name for c in verify(facts) if not c.passed}
 
     assert failed(good) == set()
