@@ -158,3 +158,35 @@ def test_every_module_imports_in_any_order() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(len(orders))
+
+
+SCRIPTS = PACKAGE.parent.parent / "scripts"
+
+
+def test_the_benchmark_package_runs_and_shares_one_fake_summarizer() -> None:
+    """``python scripts/bench`` (the command the README gives) parses its arguments, and
+    ``bench_compaction.py`` measures against the benchmark package's fake summarizer."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench"), "--help"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import bench_compaction as bc; "
+        "from bench.fake_summarizer import SleepSummarizer; "
+        "assert bc.SleepSummarizer is SleepSummarizer"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(SCRIPTS)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
