@@ -6,7 +6,9 @@
     KEYS[3] shard dead set   <prefix>:{<shard>}:dead
     ARGV[1] session id
     ARGV[2] wake-up channel
-    ARGV[3] "dead" = only a session in the dead-letter state, "any" = any session not running
+    ARGV[3] "dead" = only a session in the dead-letter state, "any" = any session not running,
+            "force" = as "any", and mark it (meta force = 1) so that the daemon folds all but
+            the kept recent turns even if the session fits its target
   Output:
     1  queued (attempts reset, wake-up published)
     0  not queued: running, already queued, or (ARGV[3] "dead") not dead
@@ -15,7 +17,7 @@
 ]]
 local queue, meta, dead = KEYS[1], KEYS[2], KEYS[3]
 local sid, channel, which = ARGV[1], ARGV[2], ARGV[3]
-if sid == '' or (which ~= 'dead' and which ~= 'any') then
+if sid == '' or (which ~= 'dead' and which ~= 'any' and which ~= 'force') then
   return redis.error_reply('CS_BADARG requeue: malformed arguments')
 end
 local state = redis.call('HGET', meta, 'state')
@@ -30,6 +32,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', queue, now, sid)
 redis.call('HSET', meta, 'state', 'queued', 'queued_at', now, 'attempts', 0)
 redis.call('HDEL', meta, 'dead_at', 'reflag_above')
+if which == 'force' then
+  redis.call('HSET', meta, 'force', 1)
+end
 redis.call('ZREM', dead, sid)
 redis.call('PUBLISH', channel, sid)
 return 1

@@ -1,16 +1,18 @@
 --[[
-  Read a session's whole state: meta and every stored message.
+  Read a session's whole state: meta and every stored message (and its archive).
   Input:
     KEYS[1] messages list    <prefix>:{<shard>}:s:<sid>:msgs
     KEYS[2] meta hash        <prefix>:{<shard>}:s:<sid>:meta
+    KEYS[3] archive list     <prefix>:{<shard>}:s:<sid>:archive  (only with ARGV[2] = "2")
     ARGV[1] session id (for error messages)
-    ARGV[2] "1" = include the messages, "0" = meta only
+    ARGV[2] "1" = include the messages, "0" = meta only, "2" = messages and archive
   Output:
     {meta (flat HGETALL), messages (oldest first; empty when ARGV[2] is "0")}
+    {meta, messages, archive (oldest first)}  when ARGV[2] is "2"
     error "CS_NOSESSION ..."  the session does not exist
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this)
 ]]
-if ARGV[2] ~= '0' and ARGV[2] ~= '1' then
+if (ARGV[2] ~= '0' and ARGV[2] ~= '1' and ARGV[2] ~= '2') or (ARGV[2] == '2' and #KEYS < 3) then
   return redis.error_reply('CS_BADARG state: malformed arguments')
 end
 local flat = redis.call('HGETALL', KEYS[2])
@@ -19,5 +21,8 @@ if #flat == 0 then
 end
 if ARGV[2] == '0' then
   return {flat, {}}
+end
+if ARGV[2] == '2' then
+  return {flat, redis.call('LRANGE', KEYS[1], 0, -1), redis.call('LRANGE', KEYS[3], 0, -1)}
 end
 return {flat, redis.call('LRANGE', KEYS[1], 0, -1)}

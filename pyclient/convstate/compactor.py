@@ -32,7 +32,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio
@@ -349,8 +349,13 @@ class Compactor:
         tokens_before = int(meta.get("token_count", 0))
         head_count = int(meta.get("head_count", 0))
         limit = int(meta.get("token_limit", 1))
+        policy = self.config.policy
+        if meta.get("force") == "1":
+            # `convstate compact --force`: fold all but the kept recent turns, even if the
+            # session fits its target (a ratio under 1/limit leaves a tail budget of 0).
+            policy = replace(policy, target_ratio=min(policy.target_ratio, 1 / (limit + 1)))
         try:
-            plan = plan_compaction(records, head_count, limit, self.config.policy)
+            plan = plan_compaction(records, head_count, limit, policy)
         except ValidationError as exc:  # corrupt stored records: retry, then dead-letter
             log.error("session %r cannot be planned: %s", sid, exc)
             state = await self.release(claim, "retry", f"invalid history: {exc}")
@@ -390,6 +395,7 @@ class Compactor:
             await self.release(claim, "idle", f"uncompactable: {plan.reason}")
         except LeaseLostError:
             return Outcome(claim.session_id, "lost", tokens)
+        await self.redis.hdel(claim.keys.meta, "force")  # a forced compaction is one attempt
         return Outcome(claim.session_id, "uncompactable", tokens, tokens, note=plan.reason)
 
     async def _summarize_with_heartbeat(
@@ -595,7 +601,7 @@ class Compactor:
             },
         )
         pipe.hincrby(keys.meta, "epoch", 1)
-        pipe.hdel(keys.meta, "lease", "lease_deadline", "last_error", "reflag_above")
+        pipe.hdel(keys.meta, "lease", "lease_deadline", "last_error", "reflag_above", "force")
         pipe.zrem(keys.running, sid)
         if over:
             pipe.zadd(keys.queue, {sid: now})

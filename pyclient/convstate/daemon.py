@@ -262,13 +262,37 @@ class HealthServer:
 
 def check(settings: DaemonSettings, timeout: float = 3.0) -> bool:
     """``convstate daemon --check``: whether the local daemon answers ``/readyz`` with 200."""
+    return probe(settings, timeout) is None
+
+
+def probe(settings: DaemonSettings, timeout: float = 3.0) -> str | None:
+    """Ask the local daemon's ``/readyz``: None if it answers 200, else why not, in one line
+    (nothing listening, not ready yet, HTTP turned off...)."""
+    if settings.http_port < 0:
+        return "HTTP is off (--http-port -1 / CONVSTATE_HTTP_PORT=-1): there is nothing to ask"
+    if settings.http_port == 0:
+        return "--http-port 0 picks a free port at start: give --check the port the daemon logged"
     host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "", "::") else settings.http_host
     url = f"http://{host}:{settings.http_port}/readyz"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
+            if int(resp.status) == 200:
+                return None
+            return f"{url} answered {resp.status}"
+    except urllib.error.HTTPError as exc:
+        if exc.code == 503:
+            return f"{url} answered 503: the daemon runs but is not ready (connecting to Redis?)"
+        return f"{url} answered {exc.code}"
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ConnectionRefusedError):
+            return (
+                f"nothing listens on {host}:{settings.http_port} (connection refused): is the "
+                f"daemon running, with the same --http-host / --http-port?"
+            )
+        return f"{url}: {reason}"
+    except OSError as exc:  # a timeout, a reset connection
+        return f"{url}: {exc or type(exc).__name__}"
 
 
 @dataclass
@@ -525,7 +549,13 @@ class Daemon:
         await self.redis.ping()
         await self._check_shards()
         if s.http_port >= 0:
-            self.http = HealthServer(s.http_host, s.http_port, self.metrics, lambda: self.ready)
+            try:
+                self.http = HealthServer(s.http_host, s.http_port, self.metrics, lambda: self.ready)
+            except OSError:  # the port is in use, or the address not ours: nothing started yet
+                if self._owns_client:
+                    await self.redis.aclose()
+                self.notifier.close()
+                raise
             self.http.start()
             log.info("http on %s:%d (/healthz /readyz /metrics)", s.http_host, self.http.port)
         background = self._background = [

@@ -36,15 +36,30 @@ class ConfigurationError(ConvstateError):
 
 
 class TokenizerUnavailableError(ConfigurationError):
-    """A tiktoken encoding could not be loaded (usually: no network to download it)."""
+    """A tiktoken encoding could not be loaded (usually: no network to download it).
+
+    ``encoding`` is the encoding that failed, ``model`` the model it was chosen for (if any)
+    and ``reason`` the underlying failure in one line, so that a front end (the CLI) can
+    phrase the fix in its own terms (``--encoding`` rather than ``encoding=``)."""
+
+    encoding: str | None = None
+    model: str | None = None
+    reason: str = ""
 
 
 class UnknownModelError(ConfigurationError):
-    """tiktoken does not know which encoding a model name uses."""
+    """tiktoken does not know which encoding a model name uses (``model``)."""
+
+    model: str | None = None
 
 
 class ShardCountMismatchError(ConfigurationError):
     """This client's shard count differs from the one recorded in Redis for the prefix."""
+
+
+class RedisAuthenticationError(ConfigurationError):
+    """The server requires a password (or ACL user) that was not given, or refused the one
+    given. The message says where credentials go; the password is never repeated."""
 
 
 class ServerVersionError(ConfigurationError):

@@ -543,6 +543,17 @@ class Operations:
             "state", [keys.msgs, keys.meta], [session_id, 1], lambda reply: decode_records(reply[1])
         )
 
+    def history(self, session_id: str) -> Op[list[dict[str, Any]]]:
+        """The whole history: archive and live records in one read (see
+        :func:`merge_history`)."""
+        keys = self.schema.session(session_id)
+        return Op(
+            "state",
+            [keys.msgs, keys.meta, keys.archive],
+            [session_id, 2],
+            lambda reply: merge_history(decode_records(reply[1]), decode_records(reply[2])),
+        )
+
     def context_window(self, session_id: str, budget: int | None) -> Op[list[dict[str, Any]]]:
         keys = self.schema.session(session_id)
         if budget is not None:
@@ -589,6 +600,30 @@ class Operations:
     def _decode_state(session_id: str, flat: Sequence[Any], raw: Iterable[Any]) -> SessionState:
         meta, context = decode_meta(_flat_to_dict(flat))
         return SessionState(session_id, decode_records(raw), context, meta)
+
+
+def merge_history(
+    live: Sequence[Mapping[str, Any]], archive: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """A session's history, oldest first, from its live records and its archive.
+
+    The live list starts with the system message(s), then the running summary (which stands
+    for what was folded), then the newest turns; the archive holds the folded originals in the
+    order they were folded (never a system message or a summary). So the history is: the
+    leading system messages, the archived originals (each marked ``"archived": True``), then
+    the rest of the live list, summaries marked by ``kind: "summary"`` as stored."""
+    head = 0
+    while (
+        head < len(live)
+        and live[head].get("role") == "system"
+        and live[head].get("kind") != "summary"
+    ):
+        head += 1
+    return [
+        *(dict(r) for r in live[:head]),
+        *({**r, "archived": True} for r in archive),
+        *(dict(r) for r in live[head:]),
+    ]
 
 
 def check_shard_config(recorded: Any, shards: int, prefix: str) -> None:

