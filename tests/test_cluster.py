@@ -854,7 +854,7 @@ def test_cli_stats_on_the_cluster(cluster: LocalCluster) -> None:
     stats = json.loads(proc.stdout)
     assert stats["shards"] == DEFAULT_SHARDS
     assert (stats["queued"], stats["due"], stats["running"], stats["dead"]) == (3, 3, 0, 1)
-    assert [sid for sid, _ in stats["dead_sessions"]] == [dead]
+    assert [d["session_id"] for d in stats["dead_sessions"]] == [dead]
     assert stats["oldest_flagged_age_s"] is not None
     assert stats["oldest_flagged_age_s"] < 60
     proc = run_cli("stats", *conn)

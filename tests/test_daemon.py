@@ -1124,17 +1124,22 @@ def test_help_lists_every_env_var() -> None:
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("CONCURRENCY", "0", "concurrency must be >= 1"),
+        # Each names the flag and the env var (click for ranges, the CLI for the rest).
+        ("CONCURRENCY", "0", "'--concurrency' (env var: 'CONVSTATE_CONCURRENCY'): 0 is not"),
         ("CONCURRENCY", "four", "is not a valid integer"),
-        ("LEASE", "0", "lease must be a positive number"),
-        ("SWEEP_INTERVAL", "nan", "sweep_interval must be a positive number"),
+        ("LEASE", "0", "'--lease' (env var: 'CONVSTATE_LEASE')"),
+        (
+            "SWEEP_INTERVAL",
+            "nan",
+            "--sweep-interval / CONVSTATE_SWEEP_INTERVAL: sweep_interval must be a positive",
+        ),
         ("SUMMARIZER", "gpt", "'gpt' is not one of"),
-        ("HTTP_PORT", "70000", "http_port must be"),
+        ("HTTP_PORT", "70000", "'--http-port' (env var: 'CONVSTATE_HTTP_PORT')"),
         ("ARCHIVE", "maybe", "is not a valid boolean"),
-        ("LOG_LEVEL", "LOUD", "LOUD"),
-        ("SHARDS", "0", "shards"),
-        ("MAX_ATTEMPTS", "0", "max_attempts"),
-        ("TARGET_RATIO", "2", "target_ratio"),
+        ("LOG_LEVEL", "LOUD", "--log-level / CONVSTATE_LOG_LEVEL: log_level must be"),
+        ("SHARDS", "0", "'--shards' (env var: 'CONVSTATE_SHARDS')"),
+        ("MAX_ATTEMPTS", "0", "'--max-attempts' (env var: 'CONVSTATE_MAX_ATTEMPTS')"),
+        ("TARGET_RATIO", "2", "'--target-ratio' (env var: 'CONVSTATE_TARGET_RATIO')"),
     ],
 )
 def test_a_bad_env_value_is_a_usage_error(
@@ -1162,5 +1167,8 @@ def test_a_bad_env_value_exits_2_from_the_command_line(redis_url: str, prefix: s
         check=False,
     )
     assert proc.returncode == 2, proc
-    assert "Error: concurrency must be >= 1" in proc.stderr, proc.stderr
+    assert (
+        "Error: Invalid value for '--concurrency' (env var: 'CONVSTATE_CONCURRENCY'): 0 is not "
+        "in the range x>=1" in proc.stderr
+    ), proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr

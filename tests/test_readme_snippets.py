@@ -111,3 +111,26 @@ def test_readme_cluster_snippet_runs_as_pasted(tmp_path: Path) -> None:
     with LocalCluster("redis", masters=3, replicas_per_master=0) as cluster:
         for snippet in snippets:
             run_snippet(snippet, CLUSTER_URL, cluster.url, tmp_path)
+
+
+def test_every_error_a_call_can_raise_is_in_the_readme_table() -> None:
+    """Each exception class of convstate.errors that the clients raise has a row (bases and
+    the classes no client call raises are left out, each with its reason)."""
+    import convstate.errors as errors
+
+    not_raised_by_clients = {
+        "ConvstateError": "the base class, named in the text",
+        "ValidationError": "a base class",
+        "SessionError": "a base class",
+        "LeaseLostError": "the compaction daemon's own",
+        "ServerVersionError": "declared, raised by nothing yet",
+    }
+    table = README[README.index("| error | when |") : README.index("## Compaction daemon")]
+    classes = [
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.ConvstateError)
+    ]
+    missing = [n for n in classes if n not in not_raised_by_clients and f"`{n}`" not in table]
+    assert missing == []
+    assert "`ConvstateError`" in README
