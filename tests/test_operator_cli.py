@@ -313,6 +313,21 @@ def test_daemon_with_its_http_port_in_use_says_so_in_one_line(redis_url: str, pr
     assert "CONVSTATE_HTTP_PORT" in errors[0]
 
 
+def test_daemon_on_an_address_that_is_not_ours_says_so_in_one_line(
+    redis_url: str, prefix: str
+) -> None:
+    proc = run_cli(
+        "daemon", "--redis-url", redis_url, "--prefix", prefix, "--shards", str(SHARDS),
+        "--encoding", ENCODING, "--http-host", "192.0.2.1", "--http-port", "0", timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "cannot serve HTTP on 192.0.2.1:0" in errors[0]
+    assert "--http-host / CONVSTATE_HTTP_HOST" in errors[0]
+
+
 def test_daemon_check_with_no_daemon_says_why() -> None:
     sock, port = _busy_port()
     sock.close()  # a port nothing listens on

@@ -348,9 +348,7 @@ def inspect(session_id: str, last: int | None, archive: bool, as_json: bool, **c
     with _admin(**conn) as admin:
         state = admin.inspect(session_id, archive=archive)
     records = state.messages
-    shown = records[len(records) - last :] if last is not None and last < len(records) else records
-    if last == 0:
-        shown = []
+    shown = records if last is None else records[max(0, len(records) - last) :]
     if as_json:
         _echo_json(_inspect_json(state, shown))
         return
@@ -665,7 +663,7 @@ def _daemon_options(func: Any) -> Any:
 )
 def daemon(check: bool, **options: Any) -> None:
     """Run the compaction daemon (every option also reads a CONVSTATE_* env var)."""
-    from convstate.daemon import DaemonSettings, probe, run
+    from convstate.daemon import DaemonSettings, HttpListenError, probe, run
 
     try:
         settings = DaemonSettings(**options)
@@ -680,19 +678,22 @@ def daemon(check: bool, **options: Any) -> None:
     logging.getLogger().setLevel(settings.log_level.upper())
     try:
         sys.exit(run(settings))
+    except HttpListenError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise click.ClickException(
+                f"HTTP port {exc.port} on {exc.host} is already in use (another daemon?): "
+                f"choose another with --http-port / CONVSTATE_HTTP_PORT, --http-port 0 for any "
+                f"free port, or --http-port -1 to turn HTTP off"
+            ) from None
+        raise click.ClickException(
+            f"{exc}: check --http-host / CONVSTATE_HTTP_HOST and --http-port / "
+            f"CONVSTATE_HTTP_PORT (--http-port -1 turns HTTP off)"
+        ) from None
     except ConvstateError as exc:
         raise (_tokenizer_failure(exc) or click.ClickException(str(exc))) from None
     except (redis.RedisError, RedisClusterException) as exc:
         raise _redis_failure(
             settings.redis_url, exc, " (check --redis-url / CONVSTATE_REDIS_URL)"
-        ) from None
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise click.ClickException(
-            f"HTTP port {settings.http_port} on {settings.http_host} is already in use (another "
-            f"daemon?): choose another with --http-port / CONVSTATE_HTTP_PORT, --http-port 0 "
-            f"for any free port, or --http-port -1 to turn HTTP off"
         ) from None
 
 

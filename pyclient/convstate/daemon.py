@@ -71,6 +71,15 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
+class HttpListenError(ConfigurationError):
+    """The daemon cannot serve /healthz, /readyz and /metrics on ``host:port`` (``errno``:
+    EADDRINUSE when another process holds the port)."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        self.host, self.port, self.errno = host, port, exc.errno
+        super().__init__(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}")
+
+
 @dataclass(frozen=True)
 class DaemonSettings:
     """Every daemon option; each is a ``convstate daemon`` flag and a ``CONVSTATE_*`` env var
@@ -551,11 +560,11 @@ class Daemon:
         if s.http_port >= 0:
             try:
                 self.http = HealthServer(s.http_host, s.http_port, self.metrics, lambda: self.ready)
-            except OSError:  # the port is in use, or the address not ours: nothing started yet
+            except OSError as exc:  # the port is in use, the address not ours: nothing started
                 if self._owns_client:
                     await self.redis.aclose()
                 self.notifier.close()
-                raise
+                raise HttpListenError(s.http_host, s.http_port, exc) from None
             self.http.start()
             log.info("http on %s:%d (/healthz /readyz /metrics)", s.http_host, self.http.port)
         background = self._background = [
