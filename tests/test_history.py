@@ -173,3 +173,16 @@ def test_history_read_is_one_script_call(redis_url: str, prefix: str, r: redis.R
         assert store.get_history("one")[0]["content"] == "S"
         after = int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
     assert after - before == 1
+
+
+def test_state_script_with_the_archive_needs_its_key(r: redis.Redis, prefix: str) -> None:
+    """state.lua's ARGV[2] = "2" reads KEYS[3]: without it the call is malformed (CS_BADARG)."""
+    from convstate.keys import KeySchema
+    from convstate.scripts import script_source
+
+    keys = KeySchema(prefix, SHARDS).session("s")
+    script = r.register_script(script_source("state"))
+    with pytest.raises(redis.ResponseError, match="CS_BADARG"):
+        script(keys=[keys.msgs, keys.meta], args=["s", 2])
+    with pytest.raises(redis.ResponseError, match="CS_NOSESSION"):
+        script(keys=[keys.msgs, keys.meta, keys.archive], args=["s", 2])
