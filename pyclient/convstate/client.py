@@ -8,9 +8,12 @@ its script in one round trip, and decodes the reply. The two classes therefore d
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import redis
@@ -228,6 +231,16 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
     Every method is one round trip to Redis (the first call also checks, once, that the
     shard count recorded for the prefix matches this client's).
 
+    **Event loops.** redis.asyncio connections belong to the event loop that opened them. The
+    store's client serves its *home* loop: the loop running when the store was built, else
+    the first loop that uses it. A call from any other running loop (``Runner.run_sync``,
+    ``asyncio.run`` per request, a thread with its own loop) runs on a short-lived connection
+    of its own, opened with the client's settings and closed on that loop before the call
+    returns: correct everywhere, one connect per call off the home loop. A cluster client
+    cannot be cloned cheaply, so there such a call raises
+    :class:`~convstate.errors.ConfigurationError` (build one store per loop). Call
+    :meth:`aclose` on the home loop.
+
     Args:
         client: a ``redis.asyncio.Redis`` (or ``redis.asyncio.RedisCluster``).
         token_limit: default limit of new sessions; an append that passes it flags the session
@@ -252,6 +265,11 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
     def __init__(self, client: redis.asyncio.Redis, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
         self._scripts = {name: client.register_script(src) for name, src in all_sources().items()}
+        try:
+            self._home_loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # built outside a loop: the first loop that uses it
+            self._home_loop = None
+        self._home_lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -300,9 +318,64 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         )
 
     async def aclose(self) -> None:
-        """Close the Redis connection if this store opened it."""
-        if self._owns_client:
-            await self.redis.aclose()
+        """Close the Redis connection if this store opened it (on the store's home loop: see
+        the class docs)."""
+        if not self._owns_client:
+            return
+        home = self._home_loop
+        if home is not None and home is not asyncio.get_running_loop() and not home.is_closed():
+            raise ConfigurationError(
+                "aclose() must run on the event loop that first used this store (its "
+                "connections belong to that loop); calls from other loops need no closing"
+            )
+        await self.redis.aclose()
+
+    def _home_client(self) -> redis.asyncio.Redis | None:
+        """The store's client if the running loop is its home loop (binding the home loop on
+        first use), else None."""
+        loop = asyncio.get_running_loop()
+        if self._home_loop is loop:
+            return self.redis
+        if self._home_loop is None:
+            with self._home_lock:
+                if self._home_loop is None:
+                    self._home_loop = loop
+            if self._home_loop is loop:
+                return self.redis
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _loop_client(self) -> AsyncIterator[redis.asyncio.Redis]:
+        """A client of the running loop's own, closed on exit (see the class docs)."""
+        if isinstance(self.redis, redis.asyncio.RedisCluster):
+            raise ConfigurationError(
+                "this AsyncConversationStore's cluster client belongs to another event loop "
+                "(the one that first used it): build one AsyncConversationStore per event "
+                "loop (e.g. per thread), or use ConversationStore from threads"
+            )
+        pool = self.redis.connection_pool
+        client = redis.asyncio.Redis.from_pool(
+            type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs)
+        )
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[redis.asyncio.Redis]:
+        """A redis.asyncio client usable on the running loop, for commands of your own:
+        the store's client on its home loop, else a short-lived one closed on exit::
+
+            async with store.client() as r:
+                await r.ping()
+        """
+        home = self._home_client()
+        if home is not None:
+            yield home
+        else:
+            async with self._loop_client() as own:
+                yield own
 
     async def __aenter__(self) -> AsyncConversationStore:
         return self
@@ -310,8 +383,8 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _check_config(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
+    async def _check_config(self, client: redis.asyncio.Redis) -> None:
+        pipe = client.pipeline(transaction=False)
         pipe.hsetnx(self.schema.config, "shards", self.schema.shards)
         pipe.hget(self.schema.config, "shards")
         _, recorded = await pipe.execute()
@@ -319,12 +392,19 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         self._config_checked = True
 
     async def _run(self, op: Op[T]) -> T:
+        client = self._home_client()
+        if client is None:
+            async with self._loop_client() as own:
+                return await self._run_on(own, op)
+        return await self._run_on(client, op)
+
+    async def _run_on(self, client: redis.asyncio.Redis, op: Op[T]) -> T:
         try:
             if not self._config_checked:
-                await self._check_config()
+                await self._check_config(client)
             if self.wait_replicas and op.script == "append":
-                return await self._append_and_wait(op)
-            reply = await self._evalsha(op)
+                return await self._append_and_wait(client, op)
+            reply = await self._evalsha(client, op)
         except (ResponseError, AuthenticationError) as exc:
             typed = _typed(exc)
             if typed is None:
@@ -332,10 +412,10 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
             raise typed from None
         return op.decode(reply)
 
-    async def _append_and_wait(self, op: Op[T]) -> T:
+    async def _append_and_wait(self, client: redis.asyncio.Redis, op: Op[T]) -> T:
         """EVALSHA then WAIT, pipelined on one connection (WAIT counts that connection's
         writes). Standalone servers only: on a cluster, :class:`ConversationStore` does it."""
-        if isinstance(self.redis, redis.asyncio.RedisCluster):
+        if isinstance(client, redis.asyncio.RedisCluster):
             raise ConfigurationError(
                 "wait_replicas is supported by ConversationStore on a cluster, and by "
                 "AsyncConversationStore on a standalone server"
@@ -343,21 +423,21 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         script, keys = self._scripts[op.script], op.keys
         retries = Retries(self.cluster_retry_timeout)
         while True:
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             pipe.evalsha(script.sha, len(keys), *keys, *op.args)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             reply, acked = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError) and retries.may_reload():
-                script.sha = await self.redis.script_load(script.script)
+                script.sha = await client.script_load(script.script)
                 continue
             if isinstance(reply, Exception):
                 raise reply
             return _with_replicas(op.decode(reply), acked)
 
-    async def _evalsha(self, op: Op[Any]) -> Any:
+    async def _evalsha(self, client: redis.asyncio.Redis, op: Op[Any]) -> Any:
         """Run ``op``'s script by its sha; see :meth:`ConversationStore._evalsha`."""
         return await arun_script(
-            self.redis,
+            client,
             self._scripts[op.script],
             op.keys,
             op.args,
@@ -433,7 +513,8 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
     async def exists(self, session_id: str) -> bool:
         """Whether the session exists."""
         try:
-            return bool(await self.redis.exists(self.ops.session_keys(session_id).meta))
+            async with self.client() as client:
+                return bool(await client.exists(self.ops.session_keys(session_id).meta))
         except AuthenticationError as exc:
             raise auth_error(str(exc)) from None
 
