@@ -44,7 +44,7 @@ from openai.types.responses import (
 
 from convstate import AsyncConversationStore, ConversationStore
 from convstate.adapters.langchain import ConvstateChatMessageHistory
-from convstate.adapters.openai_agents import ConvstateSession
+from convstate.adapters.openai_agents import ConvstateSession, InvalidSessionSettingsError
 from convstate.compactor import Compactor, CompactorConfig
 from convstate.errors import (
     ConfigurationError,
@@ -527,9 +527,44 @@ async def test_session_implements_the_protocol(astore: AsyncConversationStore) -
     session = ConvstateSession("ag-0", astore)
     assert isinstance(session, Session)
     assert session.session_id == "ag-0"
-    assert session.session_settings is None
+    assert session.session_settings == SessionSettings()
     with pytest.raises(ConfigurationError):
         ConvstateSession("ag-0", object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"limitt": 1}, "Unknown session settings: limitt"),
+        ({"limit": "many"}, "invalid session_settings"),
+        (5, "not int"),
+    ],
+)
+async def test_session_settings_are_checked(
+    astore: AsyncConversationStore, settings: Any, match: str
+) -> None:
+    with pytest.raises(InvalidSessionSettingsError, match=match) as info:
+        ConvstateSession("ag-s", astore, session_settings=settings)
+    assert isinstance(info.value, ConfigurationError)
+    assert isinstance(info.value, TypeError)  # what the SDK's own sessions raise
+
+
+async def test_runner_with_session_settings_as_a_dict(astore: AsyncConversationStore) -> None:
+    """A dict ``session_settings`` is coerced, so the Runner can read (and override) its limit
+    (it crashed with "'dict' object has no attribute 'limit'")."""
+    session = ConvstateSession("ag-dict", astore, session_settings={"limit": 2})
+    assert session.session_settings == SessionSettings(limit=2)
+    await session.add_items([{"role": "user", "content": f"m{i}"} for i in range(5)])
+    model = ScriptedModel([[reply("ok", 1)], [reply("ok", 2)]])
+    agent = Agent(name="Assistant", model=model)
+    run_config = RunConfig(tracing_disabled=True)
+    await Runner.run(agent, "next", session=session, run_config=run_config)
+    assert [i["content"] for i in model.inputs[-1]] == ["m3", "m4", "next"]
+    override = RunConfig(tracing_disabled=True, session_settings={"limit": 1})
+    await Runner.run(agent, "again", session=session, run_config=override)
+    sent = model.inputs[-1]  # the newest stored item (the first run's reply), then the input
+    assert [i["role"] for i in sent] == ["assistant", "user"]
+    assert sent[1]["content"] == "again"
 
 
 async def test_session_items_round_trip(astore: AsyncConversationStore, r: redis.Redis) -> None:

@@ -57,10 +57,21 @@ the first ``add_items`` creates it with the store's defaults. With ``create=Fals
 missing (or expired) session: create it with ``store.create_session(...)`` first.
 ``pop_item`` of a missing session returns None. ``clear_session`` deletes the session (its
 system message(s), context and limit included).
+
+**Settings.** ``session_settings`` is a ``SessionSettings`` or a dict of its fields
+(``{"limit": 20}``), coerced as the SDK's own sessions do; an unknown key, a bad value or another
+type raises :class:`InvalidSessionSettingsError` (a ``ConfigurationError`` and a ``TypeError``,
+as the SDK raises). It defaults to ``SessionSettings()`` (no
+limit); ``RunConfig(session_settings=...)`` overrides it per run.
+
+**Event loops.** The session works from any event loop (``Runner.run``, ``Runner.run_sync``,
+threads): see :class:`~convstate.AsyncConversationStore` for how the store's connections
+follow the running loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -88,7 +99,13 @@ from convstate.planner import SUMMARY_KIND
 if TYPE_CHECKING:
     from agents.memory import Session
 
-__all__ = ["ConvstateSession", "item_to_message", "record_to_items"]
+__all__ = [
+    "ConvstateSession",
+    "InvalidSessionSettingsError",
+    "coerce_session_settings",
+    "item_to_message",
+    "record_to_items",
+]
 
 #: Field of a stored record holding the original Responses-API item.
 ITEM_FIELD = "item"
@@ -300,6 +317,42 @@ def _items(records: Sequence[Any]) -> list[TResponseInputItem]:
 # -- the session -------------------------------------------------------------------------------
 
 
+class InvalidSessionSettingsError(ConfigurationError, TypeError):
+    """``session_settings`` is not a ``SessionSettings`` or a dict of its fields. Also a
+    ``TypeError``, which the SDK's own sessions raise for the same mistake."""
+
+
+def coerce_session_settings(value: object) -> SessionSettings:
+    """``value`` (a ``SessionSettings``, a dict of its fields, or None) -> ``SessionSettings``,
+    as the SDK's own sessions coerce it (None -> ``SessionSettings()``).
+
+    Raises :class:`InvalidSessionSettingsError` for an unknown key, a bad value or another
+    type; nothing is dropped silently.
+    """
+    if value is None:
+        return SessionSettings()
+    if isinstance(value, SessionSettings):
+        return value
+    known = [f.name for f in dataclasses.fields(SessionSettings) if f.init]
+    if not isinstance(value, Mapping):
+        raise InvalidSessionSettingsError(
+            f"session_settings must be a SessionSettings or a dict with keys from "
+            f"{', '.join(known)}, not {type(value).__name__}"
+        )
+    unknown = sorted(str(key) for key in value if key not in known)
+    if unknown:
+        raise InvalidSessionSettingsError(
+            f"Unknown session settings: {', '.join(unknown)} (SessionSettings accepts "
+            f"{', '.join(known)})"
+        )
+    try:
+        return SessionSettings(**value)
+    except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise InvalidSessionSettingsError(
+            f"invalid session_settings {dict(value)!r}: {exc}"
+        ) from exc
+
+
 class ConvstateSession:
     """An OpenAI Agents SDK ``Session`` kept in a convstate session (see the module docs).
 
@@ -308,8 +361,8 @@ class ConvstateSession:
         store: the :class:`~convstate.AsyncConversationStore` holding it.
         create: a missing session reads as empty and is created by the first ``add_items``
             (True), or raises :class:`~convstate.errors.SessionNotFoundError` (False).
-        session_settings: the SDK's ``SessionSettings``; its ``limit`` is the default of
-            :meth:`get_items`.
+        session_settings: the SDK's ``SessionSettings`` (or a dict of its fields); its
+            ``limit`` is the default of :meth:`get_items`. Default: ``SessionSettings()``.
     """
 
     session_id: str
@@ -321,7 +374,7 @@ class ConvstateSession:
         store: AsyncConversationStore,
         *,
         create: bool = True,
-        session_settings: SessionSettings | None = None,
+        session_settings: SessionSettings | Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(store, AsyncConversationStore):
             raise ConfigurationError(
@@ -331,7 +384,7 @@ class ConvstateSession:
         self.session_id = validate_session_id(session_id)
         self.store = store
         self.create = create
-        self.session_settings = session_settings
+        self.session_settings = coerce_session_settings(session_settings)
         self._keys = store.ops.session_keys(session_id)
 
     def __repr__(self) -> str:
@@ -358,7 +411,7 @@ class ConvstateSession:
             return _items(records)
         if limit <= 0:
             return []
-        async with self.store.redis.pipeline(transaction=True) as pipe:
+        async with self.store.client() as client, client.pipeline(transaction=True) as pipe:
             pipe.exists(self._keys.meta)
             pipe.lrange(self._keys.msgs, -limit, -1)
             exists, raw = await pipe.execute()
@@ -387,7 +440,7 @@ class ConvstateSession:
         returned.
         """
         keys = self._keys
-        async with self.store.redis.pipeline(transaction=True) as pipe:
+        async with self.store.client() as client, client.pipeline(transaction=True) as pipe:
             for _ in range(MAX_POP_ATTEMPTS):
                 try:
                     await pipe.watch(keys.msgs, keys.meta)

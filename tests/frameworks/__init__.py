@@ -1,0 +1,1 @@
+"""The frameworks' own test suites, adapted to convstate's adapters (see each file's header)."""
