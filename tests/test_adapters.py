@@ -49,6 +49,7 @@ from convstate.compactor import Compactor, CompactorConfig
 from convstate.errors import (
     ConfigurationError,
     InvalidLimitError,
+    InvalidMessageError,
     InvalidSessionIdError,
     SessionNotFoundError,
 )
@@ -206,13 +207,12 @@ def test_langchain_round_trip(
     assert len(calls) == 1  # one atomic round trip for the batch
 
     got = history.messages
-    assert len(got) == len(sent)
+    assert got == sent  # ids only where they were given, additional_kwargs kept
     for before, after in zip(sent, got, strict=True):
-        want = essentials(before)
-        if before.id is None:  # convstate generated one
-            assert isinstance(after.id, str)
-            want = (*want[:2], after.id, *want[3:])
-        assert essentials(after) == want
+        assert essentials(after) == essentials(before)
+    records = store.get_messages("lc-1")
+    assert [rec["id"] for rec in records][1:3] == ["h-1", "ai-1"]
+    assert all(isinstance(rec["id"], str) for rec in records)  # generated ones kept inside
     assert got[2].tool_calls[0] == {
         "name": "get_weather",
         "args": {"city": "Kyoto", "days": 2},
@@ -370,6 +370,57 @@ async def test_langchain_async(store: ConversationStore, astore: AsyncConversati
     assert [m.content for m in await sync_only.aget_messages()] == ["Hi"]
     await sync_only.aclear()
     assert not store.exists("lc-7")
+
+
+async def test_langchain_ids_and_additional_kwargs_read_back_as_added(
+    store: ConversationStore, astore: AsyncConversationStore, r: redis.Redis
+) -> None:
+    """A message added without an id reads back without one (its generated id stays inside,
+    for idempotency); one added with an id keeps it, even one too long to be convstate's id;
+    additional_kwargs come back (they were dropped)."""
+    history = ConvstateChatMessageHistory("lc-kw", store, async_store=astore)
+    long_id = "x" * 200
+    sent: list[BaseMessage] = [
+        HumanMessage("no id"),
+        AIMessage(
+            "with kwargs",
+            id="run-1",
+            additional_kwargs={"refusal": None, "audio": {"id": "au_1"}, "n": [1, 2.5]},
+        ),
+        HumanMessage("long id", id=long_id),
+        SystemMessage("dev", additional_kwargs={"__openai_role__": "developer", "k": "v"}),
+    ]
+    history.add_messages(sent[:2])
+    await history.aadd_messages(sent[2:])
+    assert history.messages == sent
+    assert await history.aget_messages() == sent
+    records = store.get_messages("lc-kw")
+    assert isinstance(records[0]["id"], str)  # generated, kept for idempotency
+    assert records[1]["id"] == "run-1"
+    assert records[2]["id"] != long_id  # too long for convstate: a generated one is used
+    assert records[3]["role"] == "developer"
+    assert_consistent(r, store, "lc-kw")
+    # The window (get_context) carries chat-completions fields only.
+    assert ConvstateChatMessageHistory("lc-kw", store, budget=500).messages[1] == AIMessage(
+        "with kwargs"
+    )
+
+
+def test_langchain_reads_other_clients_ids(store: ConversationStore) -> None:
+    """Messages another convstate client appended (no ``langchain`` field) keep their id."""
+    store.append("lc-other", {"role": "user", "content": "hi", "id": "app-1"}, create=True)
+    assert ConvstateChatMessageHistory("lc-other", store).messages == [
+        HumanMessage("hi", id="app-1")
+    ]
+
+
+def test_langchain_non_json_additional_kwargs_are_refused(store: ConversationStore) -> None:
+    history = ConvstateChatMessageHistory("lc-bad", store)
+    with pytest.raises(InvalidMessageError):
+        history.add_messages(
+            [HumanMessage("ok"), HumanMessage("bad", additional_kwargs={"x": object()})]
+        )
+    assert not store.exists("lc-bad")  # all or nothing
 
 
 async def compact(astore: AsyncConversationStore, sid: str) -> None:

@@ -54,12 +54,17 @@ with ``tool_calls`` in OpenAI's format (arguments as a JSON string; invalid tool
 their raw arguments and come back as invalid), ``ToolMessage`` -> ``tool`` (with
 ``tool_call_id``; an ``error`` status is kept), ``FunctionMessage`` -> ``function``,
 ``ChatMessage`` -> its role (``human``/``ai`` mapped to ``user``/``assistant``). Content
-(strings or lists of content blocks) and ``name`` are stored as they are. A message's ``id``
-(up to 128 characters) becomes convstate's message id, the idempotency key: adding a message
-whose id is already stored is a no-op, so a retried ``add_messages`` never stores twice.
-Not stored: ``additional_kwargs`` (other than the developer marker), ``response_metadata``,
-``usage_metadata`` and tool artifacts. A compaction summary reads back as a
-``SystemMessage`` whose ``response_metadata["convstate_kind"]`` is ``"summary"``.
+(strings or lists of content blocks), ``name`` and ``additional_kwargs`` (JSON values) are
+stored as they are and read back equal. **Ids**: a message read back has the ``id`` it was
+added with, and none if it was added without one (``history.messages == what_you_added``).
+A message's ``id`` (up to 128 characters) is also convstate's message id, the idempotency
+key: adding a message whose id is already stored is a no-op, so a retried ``add_messages``
+never stores twice. A message added without one gets convstate's generated id for that
+(kept internally, not shown as ``message.id``). The LangChain-only fields live in the record's
+``langchain`` field; messages other convstate clients appended (without it) read back with
+their stored id. Not stored: ``response_metadata``, ``usage_metadata`` and tool artifacts. A
+compaction summary reads back as a ``SystemMessage`` whose
+``response_metadata["convstate_kind"]`` is ``"summary"``.
 
 **Missing sessions.** With ``create=True`` (the default) a missing session reads as an empty
 history and the first ``add_messages`` creates it with the store's defaults (token limit,
@@ -114,6 +119,9 @@ __all__ = [
 
 #: ``response_metadata`` key marking a message that is convstate's compaction summary.
 KIND_METADATA_KEY = "convstate_kind"
+#: Field of a stored record holding what only LangChain has: the message's own ``id`` (absent
+#: when it was added without one) and its ``additional_kwargs``.
+LANGCHAIN_FIELD = "langchain"
 _OPENAI_ROLE_KEY = "__openai_role__"
 _CHAT_ROLES = {"human": "user", "ai": "assistant"}
 
@@ -213,8 +221,14 @@ def message_to_record(message: BaseMessage) -> dict[str, Any]:
     record: dict[str, Any] = {"role": role, "content": message.content}
     if message.name is not None:
         record["name"] = message.name
-    if isinstance(message.id, str) and 0 < len(message.id) <= MAX_MESSAGE_ID_LENGTH:
-        record["id"] = message.id
+    langchain: dict[str, Any] = {}
+    if message.id is not None:
+        langchain["id"] = message.id
+        if isinstance(message.id, str) and 0 < len(message.id) <= MAX_MESSAGE_ID_LENGTH:
+            record["id"] = message.id  # convstate's idempotency key
+    if message.additional_kwargs:
+        langchain["additional_kwargs"] = dict(message.additional_kwargs)
+    record[LANGCHAIN_FIELD] = langchain
     if isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls):
         record["tool_calls"] = _openai_tool_calls(message)
     elif isinstance(message, ToolMessage):
@@ -231,7 +245,14 @@ def record_to_message(record: Mapping[str, Any]) -> BaseMessage:
     if content is None:
         content = ""
     common: dict[str, Any] = {}
-    if isinstance(record.get("id"), str):
+    langchain = record.get(LANGCHAIN_FIELD)
+    if isinstance(langchain, Mapping):  # stored by this adapter: its own id, if it had one
+        if isinstance(langchain.get("id"), str):
+            common["id"] = langchain["id"]
+        kwargs = langchain.get("additional_kwargs")
+        if isinstance(kwargs, Mapping) and kwargs:
+            common["additional_kwargs"] = dict(kwargs)
+    elif isinstance(record.get("id"), str):  # appended by another client
         common["id"] = record["id"]
     if isinstance(record.get("name"), str):
         common["name"] = record["name"]
@@ -242,9 +263,8 @@ def record_to_message(record: Mapping[str, Any]) -> BaseMessage:
     if role == "system":
         return SystemMessage(content=content, **common)
     if role == "developer":
-        return SystemMessage(
-            content=content, additional_kwargs={_OPENAI_ROLE_KEY: "developer"}, **common
-        )
+        kwargs = {**common.pop("additional_kwargs", {}), _OPENAI_ROLE_KEY: "developer"}
+        return SystemMessage(content=content, additional_kwargs=kwargs, **common)
     if role == "user":
         return HumanMessage(content=content, **common)
     if role == "assistant":

@@ -1,0 +1,1 @@
+"""langchain-core's chat-history tests, run against ConvstateChatMessageHistory."""
