@@ -14,11 +14,19 @@ compaction, the summary record (``kind == "summary"``). Every other head record 
 is (:attr:`CompactionPlan.system`); the summary is rolled into the new one. The rest is the
 *body*; the plan splits it into ``folded`` (oldest) and the kept *tail* (newest).
 
+A session's own limit wins over policy defaults that cannot fit it (``keep_recent_tokens=1000``
+and ``max_summary_tokens=500`` in a session limited to 600 tokens): the summary is bounded by
+``summary_max = min(max_summary_tokens, floor(SUMMARY_SHARE * token_limit))`` (at least 1) and
+the tail minimums by ``keep_cap = floor(KEEP_SHARE * token_limit)`` (both shares 1/4), so a
+compaction leaves about half of the limit or less whatever the defaults.
+
 1. **Minimums.** Walking back from the newest body record, records are always taken into the
    tail while it holds fewer than ``min_recent_messages`` messages or fewer than
-   ``keep_recent_tokens`` tokens. These minimums are hard: the tail never starts later.
+   ``min(keep_recent_tokens, keep_cap)`` tokens, as long as taking the next one keeps the tail
+   within ``keep_cap`` (the newest record is always taken). These minimums are hard: the tail
+   never starts later.
 2. **Target.** Older records keep being taken while the tail's tokens stay within the *tail
-   budget* ``floor(target_ratio * token_limit) - system_tokens - max_summary_tokens`` (which
+   budget* ``floor(target_ratio * token_limit) - system_tokens - summary_max`` (which
    may be <= 0: then the tail is just the minimums). This gives the *target cut*.
 3. **Turn boundary.** A *valid* cut is a body index ``k >= 1`` (something is folded) whose
    record is not a ``tool`` message and that does not split a tool-call group: a tool
@@ -36,6 +44,12 @@ is (:attr:`CompactionPlan.system`); the summary is rolled into the new one. The 
    A ``user`` message at body index 0 does not count for (a): cutting there folds nothing, so
    the search falls through to (b) -- a long agentic run after a single user request can
    still be compacted (the request goes into the summary rather than being lost from reads).
+4. **One step at most.** If the cut would fold more than ``max_fold_tokens``, the cut moves
+   back to the last one (by the same preferences, searching from the last record that still
+   fits) that folds at most ``max_fold_tokens``, or, when even the first valid cut folds
+   more, to that first valid cut: one compaction folds one bounded step
+   (:attr:`CompactionPlan.partial`), and the swap queues the session again while it is over
+   its limit, so a huge middle is folded in several compactions.
 
 When nothing can be folded the result is :class:`Uncompactable`, with a ``code``:
 
@@ -44,6 +58,10 @@ When nothing can be folded the result is :class:`Uncompactable`, with a ``code``
   budget, so the target keeps everything;
 * ``"no_boundary"``: every index the minimums allow splits a tool-call group or starts at a
   tool result.
+
+Each says by how much the session should grow before it is worth planning again
+(:attr:`Uncompactable.grow_by`); the compactor stores the total it must pass, and appends do
+not flag the session until then.
 
 One giant message
 -----------------
@@ -66,6 +84,10 @@ from typing import Any, TypeGuard
 from convstate.errors import ConfigurationError, ValidationError
 
 __all__ = [
+    "DEFAULT_MAX_FOLD_TOKENS",
+    "KEEP_SHARE",
+    "REFLAG_SHARE",
+    "SUMMARY_SHARE",
     "CompactionPlan",
     "CompactionPolicy",
     "Uncompactable",
@@ -74,6 +96,22 @@ __all__ = [
 
 #: ``kind`` of the record holding a session's rolling summary.
 SUMMARY_KIND = "summary"
+
+#: Default of :attr:`CompactionPolicy.max_fold_tokens`: what one summarizer call reads at most
+#: (it fits the context of common summary models and keeps one extractive summary well under
+#: a second of CPU).
+DEFAULT_MAX_FOLD_TOKENS = 32_000
+
+#: The summary may take at most this share of a session's token limit.
+SUMMARY_SHARE = 0.25
+
+#: The tail minimums (``keep_recent_tokens``, ``min_recent_messages``) keep at most this share
+#: of a session's token limit (the newest message is kept whatever its size).
+KEEP_SHARE = 0.25
+
+#: An uncompactable session (too few turns, no turn boundary) is flagged again only once it
+#: has grown by this share of its limit (at least one token).
+REFLAG_SHARE = 0.1
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -86,12 +124,17 @@ class CompactionPolicy:
 
     Attributes:
         keep_recent_tokens: the kept tail holds at least this many tokens (when the history
-            after the head has them).
-        min_recent_messages: the kept tail holds at least this many messages (>= 1).
+            after the head has them), up to a quarter of the session's limit
+            (:data:`KEEP_SHARE`): a session's own limit wins over a default that cannot fit it.
+        min_recent_messages: the kept tail holds at least this many messages (>= 1), within
+            the same quarter of the limit (the newest message is always kept).
         target_ratio: aim to leave the session at or under ``target_ratio * token_limit``
             tokens (``0 < target_ratio <= 1``); older messages are kept while they fit.
         max_summary_tokens: bound on the summary's tokens (>= 1); the planner reserves this
-            much of the target for it.
+            much of the target for it. A session's own limit wins: the bound used is at most
+            a quarter of the session's limit (:data:`SUMMARY_SHARE`).
+        max_fold_tokens: most tokens one compaction folds (>= 1); a longer middle is folded
+            in steps, one compaction each (a single record larger than this is folded alone).
 
     Raises :class:`~convstate.errors.ConfigurationError` when a value is out of range.
     """
@@ -100,12 +143,14 @@ class CompactionPolicy:
     min_recent_messages: int = 4
     target_ratio: float = 0.5
     max_summary_tokens: int = 500
+    max_fold_tokens: int = DEFAULT_MAX_FOLD_TOKENS
 
     def __post_init__(self) -> None:
         for name, low in (
             ("keep_recent_tokens", 0),
             ("min_recent_messages", 1),
             ("max_summary_tokens", 1),
+            ("max_fold_tokens", 1),
         ):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
@@ -133,7 +178,12 @@ class CompactionPlan:
         tail_tokens: tokens of the kept tail ``records[fold_end:]``.
         system_tokens: tokens of :attr:`system`.
         tokens_before: tokens of all records.
-        max_summary_tokens: the policy's bound on the new summary (for the estimate).
+        max_summary_tokens: the bound on the new summary: the policy's, at most
+            :data:`SUMMARY_SHARE` of the session's limit (the compactor asks the summarizer
+            for no more).
+        partial: the fold was cut short by ``max_fold_tokens``: more would have been folded,
+            and a later compaction will (the swap queues the session again while it is over
+            its limit).
     """
 
     system: list[dict[str, Any]]
@@ -145,6 +195,7 @@ class CompactionPlan:
     system_tokens: int
     tokens_before: int
     max_summary_tokens: int
+    partial: bool = False
 
     @property
     def folded_tokens(self) -> int:
@@ -169,10 +220,15 @@ class Uncompactable:
     Attributes:
         reason: human-readable explanation, naming the numbers involved.
         code: ``"too_few_messages"``, ``"fits_target"`` or ``"no_boundary"``.
+        grow_by: tokens the session should grow by before it is worth planning again (>= 1):
+            for ``fits_target`` exactly what the body lacks to pass the tail budget, else
+            :data:`REFLAG_SHARE` of the limit. The compactor stores it as the session's
+            re-flag margin, so appends do not flag a session that cannot shrink yet.
     """
 
     reason: str
     code: str
+    grow_by: int = 1
 
 
 def _check_inputs(
@@ -274,27 +330,36 @@ def plan_compaction(
     system_tokens = sum(int(r["tokens"]) for r in system)
     tokens_before = sum(int(r["tokens"]) for r in records)
     body_tokens = [int(r["tokens"]) for r in body]
-    m, keep = policy.min_recent_messages, policy.keep_recent_tokens
-    budget = math.floor(policy.target_ratio * token_limit) - system_tokens
-    budget -= policy.max_summary_tokens
+    m = policy.min_recent_messages
+    keep_cap = math.floor(KEEP_SHARE * token_limit)
+    keep = min(policy.keep_recent_tokens, keep_cap)
+    summary_max = max(1, min(policy.max_summary_tokens, math.floor(SUMMARY_SHARE * token_limit)))
+    budget = math.floor(policy.target_ratio * token_limit) - system_tokens - summary_max
+    regrow = max(1, math.floor(REFLAG_SHARE * token_limit))
 
     if n == 0:
         return Uncompactable(
             f"too few turns: nothing after the head ({head_count} record(s)) to fold",
             "too_few_messages",
+            regrow,
         )
 
-    # 1. The minimums: the tail is body[k_min:].
+    # 1. The minimums: the tail is body[k_min:]. The limit wins over them: past the newest
+    #    message, the tail grows only while it stays within keep_cap.
     k_min, tail_tokens = n, 0
     while k_min > 0 and (n - k_min < m or tail_tokens < keep):
+        if k_min < n and tail_tokens + body_tokens[k_min - 1] > keep_cap:
+            break
         k_min -= 1
         tail_tokens += body_tokens[k_min]
     if k_min == 0:
         return Uncompactable(
             f"too few turns: all {n} message(s) after the head ({tail_tokens} tokens) are "
-            f"needed for the kept tail (min_recent_messages={m}, keep_recent_tokens={keep}); "
+            f"needed for the kept tail (min_recent_messages={m}, keep_recent_tokens="
+            f"{policy.keep_recent_tokens}, at most {keep_cap} of the limit {token_limit}); "
             f"nothing before the kept tail",
             "too_few_messages",
+            regrow,
         )
 
     # 2. The target: extend the tail while it fits the tail budget.
@@ -306,9 +371,10 @@ def plan_compaction(
         return Uncompactable(
             f"fits the target: all {n} message(s) after the head ({tail_tokens} tokens) fit "
             f"the tail budget of {budget} tokens (target_ratio={policy.target_ratio} of "
-            f"{token_limit}, less {system_tokens} system and {policy.max_summary_tokens} "
+            f"{token_limit}, less {system_tokens} system and {summary_max} "
             f"summary tokens); nothing to fold",
             "fits_target",
+            max(1, budget - tail_tokens + 1),
         )
 
     # 3. A turn boundary.
@@ -320,28 +386,41 @@ def plan_compaction(
     def is_user(k: int) -> bool:
         return body[k].get("role") == "user"
 
-    backwards = range(target, 0, -1)
-    forwards = range(target + 1, k_min + 1)
-    cut = next(
-        (
-            k
-            for candidates, want_user in (
-                (backwards, True),
-                (backwards, False),
-                (forwards, True),
-                (forwards, False),
-            )
-            for k in candidates
-            if valid(k) and (is_user(k) or not want_user)
-        ),
-        None,
-    )
+    def nearest(backwards: range, forwards: range) -> int | None:
+        return next(
+            (
+                k
+                for candidates, want_user in (
+                    (backwards, True),
+                    (backwards, False),
+                    (forwards, True),
+                    (forwards, False),
+                )
+                for k in candidates
+                if valid(k) and (is_user(k) or not want_user)
+            ),
+            None,
+        )
+
+    cut = nearest(range(target, 0, -1), range(target + 1, k_min + 1))
     if cut is None:
         return Uncompactable(
             f"no turn boundary: every cut before the kept tail (body indexes 1..{k_min} of "
             f"{n}) starts at a tool result or splits a tool call from its results",
             "no_boundary",
+            regrow,
         )
+
+    # 4. One step at most: fold no more than max_fold_tokens (at least one valid cut's worth).
+    partial = False
+    if sum(body_tokens[:cut]) > policy.max_fold_tokens:
+        within, folded_tokens = 0, 0
+        while within < cut and folded_tokens + body_tokens[within] <= policy.max_fold_tokens:
+            folded_tokens += body_tokens[within]
+            within += 1
+        step = nearest(range(within, 0, -1), range(0))
+        cut = step or next(k for k in range(within + 1, cut + 1) if valid(k))
+        partial = True
 
     fold_end = head_count + cut
     return CompactionPlan(
@@ -353,5 +432,6 @@ def plan_compaction(
         tail_tokens=sum(body_tokens[cut:]),
         system_tokens=system_tokens,
         tokens_before=tokens_before,
-        max_summary_tokens=policy.max_summary_tokens,
+        max_summary_tokens=summary_max,
+        partial=partial,
     )
