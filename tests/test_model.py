@@ -640,7 +640,7 @@ class SessionMachine(RuleBasedStateMachine):
         if isinstance(plan, Uncompactable):
             assert outcome.status == "uncompactable", outcome
             model.state = "idle"
-            model.reflag_above = model.tokens + max(1, claim.token_limit // 10)
+            model.reflag_above = model.tokens + plan.grow_by
             return
         assert outcome.status == "compacted", outcome
         head = model.records[: model.head_count]

@@ -6,9 +6,12 @@ The steps, and why each is safe when many app instances append and several daemo
    deadline and a random lease token. Only one daemon wins.
 2. **snapshot** (one MULTI/EXEC read) and **plan** (pure, :mod:`convstate.planner`): which
    prefix of the list to fold; appends only ever push to the tail, so they never change it.
+   Decoding the records and planning run in a worker thread, never on the event loop.
 3. **summarize** (seconds; no Redis watch held): the summarizer folds the previous summary and
-   the prefix into a new summary, while a heartbeat extends the lease. A failure changes no
-   message: the session goes back to the queue with a backoff, or to the dead-letter state.
+   the prefix into a new summary. A failure changes no message: the session goes back to the
+   queue with a backoff, or to the dead-letter state (logged once at WARNING, naming the
+   session and ``convstate requeue``). From the snapshot to the end of the summary, a
+   heartbeat extends the lease every third of the lease.
 4. **swap** (WATCH/MULTI, milliseconds): re-read the lease token and the prefix's ids; if both
    are exactly the snapshot's, replace the prefix with system message(s) + summary, adjust the
    totals, release the lease. A WatchError (an append landed in between) retries the swap, never
@@ -28,7 +31,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
+import shlex
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,7 +58,13 @@ from convstate.errors import (
     from_script_error,
 )
 from convstate.keys import KeySchema, SessionKeys
-from convstate.planner import CompactionPlan, CompactionPolicy, Uncompactable, plan_compaction
+from convstate.planner import (
+    REFLAG_SHARE,
+    CompactionPlan,
+    CompactionPolicy,
+    Uncompactable,
+    plan_compaction,
+)
 from convstate.scripts import arun_script, script_source
 from convstate.summarizers import Summarizer, SummaryRequest
 from convstate.tokens import TokenCounter
@@ -268,12 +279,20 @@ class Compactor:
         )
         return int(reply[0]) == 1
 
-    async def release(self, claim: Claim, outcome: str, note: str = "") -> str:
-        """Give the session back without a swap (``retry``, ``requeue`` or ``idle``)."""
+    async def release(
+        self, claim: Claim, outcome: str, note: str = "", *, grow_by: int | None = None
+    ) -> str:
+        """Give the session back without a swap (``retry``, ``requeue`` or ``idle``).
+
+        ``idle``: the session is flagged again only once its token total grows by ``grow_by``
+        (default: a tenth of its limit, :data:`~convstate.planner.REFLAG_SHARE`), so appends
+        do not re-flag a session that cannot shrink yet. A ``retry`` that reaches
+        ``max_attempts`` dead-letters the session and logs it once at WARNING."""
         delay = self.config.backoff_ms(claim.attempts + 1) if outcome == "retry" else 0
-        # An uncompactable session is flagged again only once it has grown by a tenth of its
-        # limit: enough new turns that folding may work, without a full read per append.
-        reflag_margin = max(1, claim.token_limit // 10) if outcome == "idle" else 0
+        reflag_margin = 0
+        if outcome == "idle":
+            default = max(1, math.floor(REFLAG_SHARE * claim.token_limit))
+            reflag_margin = max(1, default if grow_by is None else grow_by)
         reply = await self._script(
             "release",
             [claim.keys.queue, claim.keys.running, claim.keys.meta, claim.keys.dead],
@@ -287,7 +306,21 @@ class Compactor:
                 reflag_margin,
             ],
         )
-        return _text(reply)
+        state = _text(reply)
+        if state == "dead":
+            self._log_dead_letter(claim.session_id, note)
+        return state
+
+    def _log_dead_letter(self, session_id: str, last_error: str) -> None:
+        """The one WARNING line of a dead-lettered session: what failed and how to retry."""
+        log.warning(
+            "session %r is dead-lettered after %d failed attempts (last error: %s); it is not "
+            "compacted again until an operator runs: convstate requeue %s",
+            session_id,
+            self.config.max_attempts,
+            last_error[:200] or "unknown",
+            shlex.quote(session_id),
+        )
 
     async def reap(self, shard: int, *, limit: int = 100) -> list[tuple[str, str]]:
         """Send sessions of ``shard`` whose lease expired back to the queue (or dead-letter)."""
@@ -304,7 +337,10 @@ class Compactor:
             )
             if int(reply[0]) == 1:
                 state = _text(reply[1])
-                log.warning("lease of session %r expired; it is now %s", sid, state)
+                if state == "dead":
+                    self._log_dead_letter(sid, "lease expired")
+                else:
+                    log.warning("lease of session %r expired; it is now %s", sid, state)
                 reaped.append((sid, state))
         return reaped
 
@@ -326,7 +362,9 @@ class Compactor:
 
     # -- one compaction ------------------------------------------------------------------------
 
-    async def _snapshot(self, claim: Claim) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    async def _snapshot(self, claim: Claim) -> tuple[dict[str, str], list[Any]]:
+        """The session's meta and its raw (undecoded) records, in one MULTI/EXEC read."""
+
         async def read(client: redis.asyncio.Redis) -> list[Any]:
             pipe = client.pipeline(transaction=True)
             pipe.hgetall(claim.keys.meta)
@@ -334,19 +372,24 @@ class Compactor:
             return await pipe.execute()
 
         flat, raw = await self._on_slot_owner(claim.keys.meta, read)
-        meta = {_text(k): _text(v) for k, v in flat.items()}
-        return meta, [json.loads(item) for item in raw]
+        return {_text(k): _text(v) for k, v in flat.items()}, raw
 
-    async def compact(self, claim: Claim) -> Outcome:
-        """Run one compaction of a claimed session to its end; never raises for the
-        session's own problems (they become an :class:`Outcome`)."""
-        sid = claim.session_id
-        meta, records = await self._snapshot(claim)
-        if not meta:
-            return Outcome(sid, "gone")
-        if meta.get("lease") != claim.token:
-            return Outcome(sid, "lost", note="lease taken over before the snapshot")
-        tokens_before = int(meta.get("token_count", 0))
+    @staticmethod
+    def _decode_and_plan(
+        raw: Sequence[Any], head_count: int, limit: int, policy: CompactionPolicy
+    ) -> CompactionPlan | Uncompactable:
+        """Decode the snapshot's records and plan (CPU only: run in a worker thread)."""
+        records = [json.loads(item) for item in raw]
+        return plan_compaction(records, head_count, limit, policy)
+
+    async def _prepare(
+        self, claim: Claim
+    ) -> tuple[dict[str, str], CompactionPlan | Uncompactable | ValidationError | None]:
+        """Snapshot and plan; the plan is None when the session is gone or no longer ours,
+        the ValidationError when its stored records cannot be planned."""
+        meta, raw = await self._snapshot(claim)
+        if not meta or meta.get("lease") != claim.token:
+            return meta, None
         head_count = int(meta.get("head_count", 0))
         limit = int(meta.get("token_limit", 1))
         policy = self.config.policy
@@ -355,8 +398,26 @@ class Compactor:
             # session fits its target (a ratio under 1/limit leaves a tail budget of 0).
             policy = replace(policy, target_ratio=min(policy.target_ratio, 1 / (limit + 1)))
         try:
-            plan = plan_compaction(records, head_count, limit, policy)
-        except ValidationError as exc:  # corrupt stored records: retry, then dead-letter
+            plan = await asyncio.to_thread(self._decode_and_plan, raw, head_count, limit, policy)
+        except ValidationError as exc:
+            return meta, exc
+        return meta, plan
+
+    async def compact(self, claim: Claim) -> Outcome:
+        """Run one compaction of a claimed session to its end; never raises for the
+        session's own problems (they become an :class:`Outcome`)."""
+        sid = claim.session_id
+        try:
+            meta, plan = await self._keep_lease(claim, self._prepare(claim))
+        except LeaseLostError:
+            return Outcome(sid, "lost", note="lease lost while reading the session")
+        if not meta:
+            return Outcome(sid, "gone")
+        if plan is None:
+            return Outcome(sid, "lost", note="lease taken over before the snapshot")
+        tokens_before = int(meta.get("token_count", 0))
+        if isinstance(plan, ValidationError):  # corrupt stored records: retry, then dead-letter
+            exc = plan
             log.error("session %r cannot be planned: %s", sid, exc)
             state = await self.release(claim, "retry", f"invalid history: {exc}")
             return Outcome(
@@ -367,7 +428,7 @@ class Compactor:
 
         started = time.perf_counter()
         try:
-            summary = await self._summarize_with_heartbeat(claim, plan)
+            summary = await self._keep_lease(claim, self._summarize(claim, plan))
         except LeaseLostError:
             return Outcome(sid, "lost", tokens_before, note="lease lost during summarization")
         except asyncio.CancelledError:
@@ -390,45 +451,53 @@ class Compactor:
         return await self._swap(claim, plan, summary, summary_ms, tokens_before)
 
     async def _give_up(self, claim: Claim, plan: Uncompactable, tokens: int) -> Outcome:
-        log.info("session %r cannot be compacted now: %s", claim.session_id, plan.reason)
+        note = (
+            f"{plan.reason}; flagged again once it passes {tokens + plan.grow_by} tokens "
+            f"(grows by {plan.grow_by})"
+        )
+        log.info("session %r cannot be compacted now: %s", claim.session_id, note)
         try:
-            await self.release(claim, "idle", f"uncompactable: {plan.reason}")
+            await self.release(claim, "idle", f"uncompactable: {note}", grow_by=plan.grow_by)
         except LeaseLostError:
             return Outcome(claim.session_id, "lost", tokens)
         await self.redis.hdel(claim.keys.meta, "force")  # a forced compaction is one attempt
-        return Outcome(claim.session_id, "uncompactable", tokens, tokens, note=plan.reason)
+        return Outcome(claim.session_id, "uncompactable", tokens, tokens, note=note)
 
-    async def _summarize_with_heartbeat(
-        self, claim: Claim, plan: CompactionPlan
-    ) -> tuple[str, str, str]:
-        previous = None
-        if plan.previous_summary is not None:
-            previous = str(plan.previous_summary.get("content") or "").removeprefix(SUMMARY_PREFIX)
-        max_tokens = self.config.policy.max_summary_tokens
-        overhead = self.count_text(SUMMARY_PREFIX)
-        request = SummaryRequest(
-            previous_summary=previous,
-            messages=plan.folded,
-            max_tokens=max(1, max_tokens - overhead),
-            count_tokens=self.count_text,
-            session_id=claim.session_id,
-        )
-        task = asyncio.ensure_future(self.summarizer.summarize(request))
+    async def _keep_lease(self, claim: Claim, work: Awaitable[T]) -> T:
+        """Await ``work`` while a heartbeat extends the lease every third of the lease; if the
+        lease is lost, cancel ``work`` and raise :class:`LeaseLostError`."""
+        task = asyncio.ensure_future(work)
+        loop = asyncio.get_running_loop()
         interval = self.config.lease_ms / 3000
+        beat_at = loop.time() + interval
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=interval)
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, beat_at - loop.time()))
                 if done:
                     break
+                beat_at = loop.time() + interval
                 if not await self.heartbeat(claim):
-                    task.cancel()
                     raise LeaseLostError(f"lease of session {claim.session_id!r} lost")
         finally:
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        result = task.result()
+        return task.result()
+
+    async def _summarize(self, claim: Claim, plan: CompactionPlan) -> tuple[str, str, str]:
+        previous = None
+        if plan.previous_summary is not None:
+            previous = str(plan.previous_summary.get("content") or "").removeprefix(SUMMARY_PREFIX)
+        overhead = self.count_text(SUMMARY_PREFIX)
+        request = SummaryRequest(
+            previous_summary=previous,
+            messages=plan.folded,
+            max_tokens=max(1, plan.max_summary_tokens - overhead),
+            count_tokens=self.count_text,
+            session_id=claim.session_id,
+        )
+        result = await self.summarizer.summarize(request)
         text = SUMMARY_PREFIX + result.text.strip()
         return text, result.model, getattr(self.summarizer, "name", type(self.summarizer).__name__)
 
@@ -526,11 +595,12 @@ class Compactor:
         if over:  # e.g. appends during the summary: queued again, wake a daemon promptly
             await self._wake(sid)
         log.info(
-            "compacted session %r: %d -> %d tokens, %d messages folded",
+            "compacted session %r: %d -> %d tokens, %d messages folded%s",
             sid,
             tokens_before,
             new_tokens,
             len(plan.folded),
+            " (one step of a longer fold)" if plan.partial else "",
         )
         return Outcome(
             sid,

@@ -19,6 +19,7 @@ Bring your own by implementing the :class:`Summarizer` protocol: a ``name`` attr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -522,8 +523,10 @@ class ExtractiveSummarizer:
         return "ExtractiveSummarizer()"
 
     async def summarize(self, request: SummaryRequest) -> Summary:
-        """Summarize the request (CPU only; see :meth:`summarize_sync`)."""
-        return self.summarize_sync(request)
+        """Summarize the request in a worker thread (CPU only; see :meth:`summarize_sync`),
+        so a large fold never blocks the event loop. ``request.count_tokens`` is called from
+        that thread (tiktoken's counters are thread-safe)."""
+        return await asyncio.to_thread(self.summarize_sync, request)
 
     def summarize_sync(self, request: SummaryRequest) -> Summary:
         """The synchronous implementation of :meth:`summarize`."""
