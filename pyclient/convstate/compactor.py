@@ -16,7 +16,8 @@ The steps, and why each is safe when many app instances append and several daemo
    are exactly the snapshot's, replace the prefix with system message(s) + summary, adjust the
    totals, release the lease. A WatchError (an append landed in between) retries the swap, never
    the summary. A daemon whose lease expired is fenced: its token no longer matches. A session
-   still over its limit is queued again, and the wake-up is published after EXEC.
+   still over its limit, or one step of a longer fold (see :attr:`CompactionPlan.partial`) still
+   over its target, is queued again, and the wake-up is published after EXEC.
 
 On a Redis Cluster the snapshot and the swap run on a plain connection of their own to the
 master owning the session's slot (redis-py's cluster transactions can follow a MOVED to a
@@ -626,7 +627,7 @@ class Compactor:
     ) -> tuple[str, int, bool]:
         """One WATCH/MULTI/EXEC try of the swap, on one connection to the slot's owner.
 
-        Returns ``(result, new token count, still over the limit)``, where result is
+        Returns ``(result, new token count, queued again)``, where result is
         ``lost`` (the lease token is not ours), ``changed`` (the prefix's ids are not the
         snapshot's) or ``compacted``. Raises WatchError if the session changed between the
         WATCH and the EXEC (nothing was written).
@@ -651,7 +652,9 @@ class Compactor:
             return "changed", 0, False
         new_tokens = int(token_count or 0) - old_prefix_tokens + new_head_tokens
         new_count = int(message_count or 0) - plan.fold_end + len(new_head)
-        over = new_tokens > int(limit or 0)
+        # Still over the limit, or one step of a longer fold short of the target: queue again.
+        target = math.floor(self.config.policy.target_ratio * int(limit or 0))
+        over = new_tokens > int(limit or 0) or (plan.partial and new_tokens > target)
         now = _now_ms()
         pipe.multi()
         pipe.ltrim(keys.msgs, plan.fold_end, -1)

@@ -34,10 +34,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from convstate.compactor import Claim, Compactor, CompactorConfig, Outcome
+from convstate.compactor import Claim, Compactor, CompactorConfig, Outcome, ShardStatus
 from convstate.errors import ConfigurationError, LeaseLostError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
-from convstate.planner import CompactionPolicy
+from convstate.planner import DEFAULT_MAX_FOLD_TOKENS, CompactionPolicy
 from convstate.sdnotify import SdNotifier
 from convstate.summarizers import ExtractiveSummarizer, OpenAISummarizer, Summarizer
 from convstate.tokens import TiktokenCounter, TokenCounter, default_encoding
@@ -108,6 +108,7 @@ class DaemonSettings:
     min_recent_messages: int = 4
     target_ratio: float = 0.5
     max_summary_tokens: int = 500
+    max_fold_tokens: int = DEFAULT_MAX_FOLD_TOKENS
     archive: bool = False
     archive_ttl: int | None = None
     log_level: str = "INFO"
@@ -146,6 +147,7 @@ class DaemonSettings:
             min_recent_messages=self.min_recent_messages,
             target_ratio=self.target_ratio,
             max_summary_tokens=self.max_summary_tokens,
+            max_fold_tokens=self.max_fold_tokens,
         )
 
     def compactor_config(self) -> CompactorConfig:
@@ -184,6 +186,11 @@ class Metrics:
         self.oldest_age = Gauge(
             "convstate_oldest_flagged_age_seconds",
             "Age of the oldest flagged session",
+            registry=r,
+        )
+        self.dead_letter = Gauge(
+            "convstate_dead_letter_sessions",
+            "Sessions in the dead-letter state (convstate requeue brings them back)",
             registry=r,
         )
         self.running = Gauge("convstate_running", "Compactions in flight here", registry=r)
@@ -343,7 +350,7 @@ class Daemon:
         self._stop_now = asyncio.Event()
         self._signals = 0
         self._subscribed = False
-        self._depth: dict[int, tuple[int, int]] = {}
+        self._depth: dict[int, ShardStatus] = {}
         self._workers: dict[asyncio.Task[None], _Worker] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._sweep_all = False  # set by the listener once subscribed: nothing flagged is missed
@@ -410,6 +417,7 @@ class Daemon:
                 self._wake_later(shard, 1.0)
                 state.busy = False
                 continue
+            await self._refresh_shard(shard)  # the queue changed: keep the gauges true
             if claim is None:
                 state.busy = False
                 continue
@@ -438,6 +446,7 @@ class Daemon:
                 state.busy = False
                 self.metrics.running.dec()
             self.metrics.record(outcome)
+            await self._refresh_shard(shard)
             if outcome.status == "retry":
                 self._wake_later(
                     shard, self.compactor.config.backoff_ms(claim.attempts + 1) / 1000 + 0.05
@@ -487,10 +496,20 @@ class Daemon:
         self._sweep_all = True
         self._sweep_now.set()
 
+    async def _refresh_shard(self, shard: int) -> None:
+        """Read one shard's queue, running and dead sets into the gauges (after every claim
+        and compaction, so /metrics never waits for the sweep to come round)."""
+        try:
+            self._depth[shard] = await self.compactor.peek(shard)
+        except _REDIS_ERRORS as exc:  # the gauges stay as they were until the next look
+            log.debug("could not refresh the gauges of shard %d: %s", shard, exc)
+            return
+        self._update_depth()
+
     async def _sweep_shard(self, shard: int) -> None:
         status = await self.compactor.peek(shard)
         due = status.due
-        self._depth[shard] = (status.queued, status.oldest_queued_ms)
+        self._depth[shard] = status
         if status.expired:
             reaped = await self.compactor.reap(shard)
             self.metrics.lease_expiries.inc(len(reaped))
@@ -535,8 +554,10 @@ class Daemon:
             sweep.cancel()
 
     def _update_depth(self) -> None:
-        self.metrics.queue_depth.set(sum(q for q, _ in self._depth.values()))
-        oldest = [o for q, o in self._depth.values() if q and o]
+        statuses = self._depth.values()
+        self.metrics.queue_depth.set(sum(s.queued for s in statuses))
+        self.metrics.dead_letter.set(sum(s.dead for s in statuses))
+        oldest = [s.oldest_queued_ms for s in statuses if s.queued and s.oldest_queued_ms]
         self.metrics.oldest_age.set(max(0.0, time.time() - min(oldest) / 1000) if oldest else 0)
 
     async def _watchdog(self, interval: float) -> None:
