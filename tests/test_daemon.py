@@ -46,6 +46,7 @@ from convstate.cli import main as cli_main
 from convstate.compactor import SUMMARY_PREFIX
 from convstate.daemon import Daemon, DaemonSettings, redact_url
 from convstate.keys import KeySchema
+from convstate.summarizers import SummarizerError, Summary, SummaryRequest
 from convstate.tokens import TiktokenCounter
 from tests.chat_server import ChatServer
 from tests.processes import clean_env
@@ -1422,3 +1423,90 @@ async def test_every_session_ends_under_its_own_limit_with_the_default_settings(
         nxt = await astore.append(sid, sized_turn(sid, turns[limit], min(400, limit // 10)))
         assert not nxt.flagged, (sid, nxt, report)
     print("limit: (tokens after, compactions, turns)", report)
+
+
+class DoomedSummarizer:
+    """Fails every session whose id starts with ``doomed``; summarizes the others."""
+
+    name = "doomed"
+
+    async def summarize(self, request: SummaryRequest) -> Summary:
+        if request.session_id.startswith("doomed"):
+            raise SummarizerError("model unavailable")
+        return Summary(text="The user plans a trip to Japan.", model="fake")
+
+
+@pytest.mark.slow
+async def test_gauges_follow_every_claim_and_dead_letters_are_logged_once(
+    store: ConversationStore,
+    r: redis.Redis,
+    redis_url: str,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 11: /metrics said depth 1 and age 15 s for a queue `convstate stats` showed
+    empty (the gauges waited for the sweep, one shard in 7.5 s here). Sessions flagged before
+    the start are seen by the start-up sweep; once they are compacted or dead-lettered the
+    real /metrics says so within a second. Each dead-lettered session is logged exactly once
+    at WARNING, naming it and `convstate requeue`."""
+    sids = ["doomed-1", "doomed-2", "fine-1", "fine-2"]
+    for sid in sids:
+        flag_session(store, sid)
+    daemon = Daemon(
+        DaemonSettings(
+            redis_url=redis_url,
+            prefix=prefix,
+            shards=SHARDS,
+            sweep_interval=60.0,
+            http_port=0,
+            encoding=ENCODING,
+            max_attempts=1,
+            keep_recent_tokens=20,
+            min_recent_messages=2,
+            max_summary_tokens=100,
+        ),
+        summarizer=DoomedSummarizer(),
+    )
+    caplog.set_level(logging.INFO, logger="convstate")
+    task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+    try:
+        await wait_started(daemon, task)
+        assert daemon.http is not None
+        url = f"http://127.0.0.1:{daemon.http.port}/metrics"
+        deadline = time.monotonic() + 5
+        handled_states = {sid: "dead" if sid.startswith("doomed") else "idle" for sid in sids}
+        while True:  # everything handled: two compacted, two dead
+            states = {sid: meta_field(r, prefix, sid, "state") for sid in sids}
+            if states == handled_states:
+                break
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.02)
+        handled = time.monotonic()
+        while True:  # the gauges follow within a second, long before the sweep comes round
+            status, text = await asyncio.to_thread(http_get, url)
+            assert status == 200, text
+            values = (
+                metric(text, "convstate_queue_depth"),
+                metric(text, "convstate_oldest_flagged_age_seconds"),
+                metric(text, "convstate_dead_letter_sessions"),
+            )
+            if values == (0.0, 0.0, 2.0):
+                break
+            assert time.monotonic() - handled < 1.0, (values, text)
+            await asyncio.sleep(0.05)
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 10)
+    assert task.exception() is None
+    for sid in ("doomed-1", "doomed-2"):
+        lines = [
+            r
+            for r in caplog.records
+            if "convstate requeue" in r.getMessage() and repr(sid) in r.getMessage()
+        ]
+        assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+        assert lines[0].levelno == logging.WARNING
+        assert f"convstate requeue {sid}" in lines[0].getMessage()
+    assert not any(
+        "convstate requeue" in r.getMessage() and "fine-" in r.getMessage() for r in caplog.records
+    )
