@@ -46,6 +46,7 @@ from convstate.cli import main as cli_main
 from convstate.compactor import SUMMARY_PREFIX
 from convstate.daemon import Daemon, DaemonSettings, redact_url
 from convstate.keys import KeySchema
+from convstate.sdnotify import SdNotifier
 from convstate.summarizers import SummarizerError, Summary, SummaryRequest
 from convstate.tokens import TiktokenCounter
 from tests.chat_server import ChatServer
@@ -1212,13 +1213,14 @@ async def wait_started(daemon: Daemon, task: asyncio.Task[None]) -> None:
 
 @dataclass
 class StallProbe:
-    """Watches a daemon from outside its event loop (a thread): /healthz latency, and the
-    lease left to a running session by the server's clock (heartbeats every lease/3 keep it
-    at or above 2/3 of the lease)."""
+    """Watches a daemon from outside its event loop (a thread): /healthz latency, the lease
+    left to a running session by the server's clock (heartbeats every lease/3 keep it at or
+    above 2/3 of the lease), and the arrival of its sd_notify WATCHDOG=1 pings."""
 
     health_url: str
     redis_url: str
     meta_key: str
+    notify: NotifyListener
     health_seconds: list[float] = field(default_factory=list)
     lease_left_ms: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -1244,6 +1246,8 @@ class StallProbe:
                         self.errors.append(f"/healthz: {exc!r}")
                     self.health_seconds.append(time.monotonic() - started)
                     next_health = time.monotonic() + 0.1
+                while self.notify._recv(0.001):
+                    pass
                 stop.wait(0.02)
         finally:
             client.close()
@@ -1251,12 +1255,19 @@ class StallProbe:
 
 @pytest.mark.slow
 async def test_a_huge_fold_never_stalls_the_daemon(
-    ar: redis.asyncio.Redis, redis_url: str, prefix: str
+    ar: redis.asyncio.Redis,
+    redis_url: str,
+    prefix: str,
+    notify: NotifyListener,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Issue 11: one session of 60 messages of ~250 KB (within the defaults) blocked the event
     loop for its whole fold (seconds; 45 s on a slow host). Now the fold runs in bounded
-    steps off the loop: the loop's lag stays small, /healthz answers at once, the lease is
-    heartbeated every lease/3, and another session's flag-to-claim stays under 1 s."""
+    steps off the loop: the loop's lag stays small, /healthz answers at once, WATCHDOG=1
+    keeps its pace, the lease is heartbeated every lease/3, and another session's
+    flag-to-claim stays under 1 s."""
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # a 1 s watchdog: a ping every 0.5 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
     lease = 3.0
     limit = 100_000
     settings = DaemonSettings(
@@ -1278,7 +1289,7 @@ async def test_a_huge_fold_never_stalls_the_daemon(
     huge_meta = KeySchema(prefix, SHARDS).session("huge").meta
     assert (await astore.get_state("huge")).meta.state == "queued"
 
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, notifier=SdNotifier(notify.path))
     task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
     lags: list[float] = []
     ticking = True
@@ -1296,7 +1307,9 @@ async def test_a_huge_fold_never_stalls_the_daemon(
     try:
         await wait_started(daemon, task)
         assert daemon.http is not None
-        probe = StallProbe(f"http://127.0.0.1:{daemon.http.port}/healthz", redis_url, huge_meta)
+        probe = StallProbe(
+            f"http://127.0.0.1:{daemon.http.port}/healthz", redis_url, huge_meta, notify
+        )
         probe_thread = threading.Thread(target=probe.run, args=(stop,), daemon=True)
         probe_thread.start()
         deadline = time.monotonic() + 60
@@ -1338,18 +1351,23 @@ async def test_a_huge_fold_never_stalls_the_daemon(
     assert task.exception() is None
 
     final = (await astore.get_state("huge")).meta
+    pings = [at for at, message in notify.received if "WATCHDOG=1" in message.splitlines()]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     lags.sort()
     figures = (
         f"loop lag max {lags[-1] * 1000:.0f} ms, p99 {lags[int(len(lags) * 0.99)] * 1000:.0f} "
         f"ms over {len(lags)} ticks; /healthz max {max(probe.health_seconds) * 1000:.0f} ms; "
         f"lease left min {min(probe.lease_left_ms, default=-1)} ms of {lease * 1000:.0f}; "
-        f"flag -> claim {claims} ms; {final.epoch} compactions, {final.token_count} tokens"
+        f"flag -> claim {claims} ms; {len(pings)} WATCHDOG=1, largest gap "
+        f"{max(gaps, default=-1):.2f} s; {final.epoch} compactions, {final.token_count} tokens"
     )
     print(figures)
     assert still_folding, f"the fold ended before the other sessions were flagged: {figures}"
     assert lags[-1] < 0.5, figures
     assert not probe.errors, (probe.errors, figures)
     assert max(probe.health_seconds) < 1.0, figures
+    assert len(pings) >= 10, figures
+    assert max(gaps) < 1.0, figures  # the watchdog (1 s here) never starves
     assert probe.lease_left_ms, figures
     # Heartbeats every lease/3: the lease left never drops below 2/3 of it (0.5 s of slack).
     assert min(probe.lease_left_ms) >= lease * 1000 * 2 / 3 - 500, figures
