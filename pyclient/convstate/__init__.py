@@ -10,7 +10,7 @@ from __future__ import annotations
 from convstate.client import AsyncConversationStore, ConversationStore
 from convstate.errors import ConvstateError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
-from convstate.models import AppendResult, SessionMeta, SessionState
+from convstate.models import AppendResult, SessionMeta, SessionState, Turn
 from convstate.tokens import TiktokenCounter, TokenCounter
 
 __version__ = "0.1.0"
@@ -26,5 +26,6 @@ __all__ = [
     "SessionState",
     "TiktokenCounter",
     "TokenCounter",
+    "Turn",
     "__version__",
 ]

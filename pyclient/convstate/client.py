@@ -30,7 +30,7 @@ from redis.exceptions import (
 
 from convstate.errors import ConfigurationError, ConvstateError, from_script_error
 from convstate.keys import DEFAULT_SHARDS, KeySchema
-from convstate.models import AppendResult, SessionState
+from convstate.models import AppendResult, SessionState, Turn
 from convstate.operations import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_READ_CHUNK,
@@ -41,6 +41,7 @@ from convstate.operations import (
 )
 from convstate.scripts import Retries, all_sources, arun_script, run_script
 from convstate.tokens import TiktokenCounter, TokenCounter
+from convstate.transport import atransaction, transaction
 from convstate.urls import auth_error, check_redis_url
 
 if TYPE_CHECKING:
@@ -496,8 +497,56 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         never starting with a tool result whose tool call was cut off. ``budget`` defaults to
         the session's token limit and counts the reply priming. Only chat-completions fields
         are returned (convstate's bookkeeping and app extras are left out).
+
+        On a standalone server the read is one MULTI of plain commands (the session's
+        counters, its head and its newest records) and the window is cut client-side with
+        read.lua's rule; read.lua answers when that snapshot cannot (see
+        :mod:`convstate.window`). On a cluster, read.lua answers.
         """
-        return await self._run(self.ops.context_window(session_id, budget))
+        if isinstance(self.redis, redis.asyncio.RedisCluster):
+            return await self._run(self.ops.context_window(session_id, budget))
+        snap = self.ops.context_snapshot(session_id, budget)
+        if not self._config_checked:
+            await self._check_config()
+        messages = snap.decode(await atransaction(self.redis, snap.commands))
+        if messages is None:
+            return await self._run(snap.fallback())
+        return messages
+
+    async def append_and_get_context(
+        self,
+        session_id: str,
+        message: Message,
+        *,
+        budget: int | None = None,
+        create: bool = False,
+    ) -> Turn:
+        """Append ``message`` and read the context that includes it, in one round trip.
+
+        The same as :meth:`append` then :meth:`get_context` (same validation, idempotency by
+        message id, errors), except that both are checked before anything is sent (a bad
+        ``budget`` stores nothing) and that no other write can land between the two: one
+        MULTI holds the append script and the read. If the read raises
+        (:class:`~convstate.errors.BudgetTooSmallError`), the message is stored. On a cluster,
+        or with ``wait_replicas``, it takes two round trips (the append, then the read).
+        """
+        turn = self.ops.turn(session_id, message, budget=budget, create=create)
+        if self.wait_replicas or isinstance(self.redis, redis.asyncio.RedisCluster):
+            appended = await self._run(turn.append)
+            return Turn(appended, await self.get_context(session_id, budget))
+        if not self._config_checked:
+            await self._check_config()
+        script = self._scripts["append"]
+        retries = Retries(self.cluster_retry_timeout)
+        while True:
+            replies = await atransaction(self.redis, turn.commands(script.sha))
+            if isinstance(replies[0], NoScriptError) and retries.may_reload():
+                script.sha = await self.redis.script_load(script.script)
+                continue
+            appended, messages = turn.decode(replies)
+            if messages is None:
+                messages = await self._run(turn.read.fallback())
+            return Turn(appended, messages)
 
     async def update_context(
         self, session_id: str, mapping: Mapping[str, Any], *, replace: bool = False
@@ -705,7 +754,42 @@ class ConversationStore(_StoreBase["redis.Redis"]):
 
     def get_context(self, session_id: str, budget: int | None = None) -> list[dict[str, Any]]:
         """See :meth:`AsyncConversationStore.get_context`."""
-        return self._run(self.ops.context_window(session_id, budget))
+        if isinstance(self.redis, redis.RedisCluster):
+            return self._run(self.ops.context_window(session_id, budget))
+        snap = self.ops.context_snapshot(session_id, budget)
+        if not self._config_checked:
+            self._check_config()
+        messages = snap.decode(transaction(self.redis, snap.commands))
+        if messages is None:
+            return self._run(snap.fallback())
+        return messages
+
+    def append_and_get_context(
+        self,
+        session_id: str,
+        message: Message,
+        *,
+        budget: int | None = None,
+        create: bool = False,
+    ) -> Turn:
+        """See :meth:`AsyncConversationStore.append_and_get_context`."""
+        turn = self.ops.turn(session_id, message, budget=budget, create=create)
+        if self.wait_replicas or isinstance(self.redis, redis.RedisCluster):
+            appended = self._run(turn.append)
+            return Turn(appended, self.get_context(session_id, budget))
+        if not self._config_checked:
+            self._check_config()
+        script = self._scripts["append"]
+        retries = Retries(self.cluster_retry_timeout)
+        while True:
+            replies = transaction(self.redis, turn.commands(script.sha))
+            if isinstance(replies[0], NoScriptError) and retries.may_reload():
+                script.sha = self.redis.script_load(script.script)
+                continue
+            appended, messages = turn.decode(replies)
+            if messages is None:
+                messages = self._run(turn.read.fallback())
+            return Turn(appended, messages)
 
     def update_context(
         self, session_id: str, mapping: Mapping[str, Any], *, replace: bool = False

@@ -90,3 +90,17 @@ class ContextWindow:
     tokens: int
     budget: int
     dropped: int
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What :meth:`append_and_get_context` did: the append, then the context that sees it.
+
+    Attributes:
+        appended: the append's :class:`AppendResult`.
+        context: what to send to the model within the budget, the new message included
+            (unless it alone is over the budget), as :meth:`get_context` returns it.
+    """
+
+    appended: AppendResult
+    context: list[dict[str, Any]]

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
+import msgspec
+
 from convstate.errors import (
     BudgetTooSmallError,
     ConfigurationError,
@@ -24,8 +26,10 @@ from convstate.errors import (
     InvalidMessageError,
     MessageTooLargeError,
     SessionFullError,
+    SessionNotFoundError,
     ShardCountMismatchError,
     ValidationError,
+    from_script_error,
     short_repr,
 )
 from convstate.keys import KeySchema, SessionKeys
@@ -194,6 +198,41 @@ def to_api_message(record: Mapping[str, Any]) -> dict[str, Any]:
     return {key: record[key] for key in API_FIELDS if key in record and record[key] is not None}
 
 
+#: Records are decoded with msgspec: several times faster than ``json.loads`` and exact for
+#: integers of any size (orjson turns those over 64 bits into floats).
+_DECODER = msgspec.json.Decoder()
+
+
+def decode_record(raw: bytes | str) -> Any:
+    """One stored record -> its object (msgspec; Python's json for what msgspec refuses, e.g.
+    a number over 1e308, which Python reads as inf)."""
+    try:
+        return _DECODER.decode(raw)
+    except msgspec.DecodeError:
+        return json.loads(raw)
+
+
+def api_messages(records: Iterable[bytes | str]) -> list[dict[str, Any]]:
+    """Stored records -> the messages to send to a chat-completions API (known fields only).
+
+    convstate validated these records on the way in, so they are not checked again: of each,
+    only the chat-completions fields that are set are kept.
+    """
+    out = []
+    for raw in records:
+        record = decode_record(raw)
+        out.append({key: record[key] for key in API_FIELDS if record.get(key) is not None})
+    return out
+
+
+def budget_too_small(session_id: str, needed: int, budget: int) -> BudgetTooSmallError:
+    """The error of a read whose budget cannot hold the session's head and the priming."""
+    return BudgetTooSmallError(
+        f"a budget of {budget} tokens cannot hold the {needed} tokens of session "
+        f"{session_id!r}'s system message(s), summary and reply priming; raise the budget"
+    )
+
+
 def _flat_to_dict(flat: Sequence[Any]) -> dict[str, str]:
     return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
@@ -246,7 +285,7 @@ def decode_meta(fields: Mapping[str, str]) -> tuple[SessionMeta, dict[str, Any]]
 
 
 def decode_records(raw: Iterable[Any]) -> list[dict[str, Any]]:
-    return [json.loads(item) for item in raw]
+    return [decode_record(item) for item in raw]
 
 
 @dataclass(frozen=True)
@@ -257,6 +296,78 @@ class Op(Generic[T]):
     keys: list[str]
     args: list[str | int]
     decode: Callable[[Any], T]
+
+
+#: Sessions whose last read :class:`Operations` remembers (to size the next read's fetch).
+WINDOW_HINTS = 8192
+
+
+@dataclass
+class SnapshotRead:
+    """A context read as plain commands (``commands``, to run inside MULTI), and its decoding.
+
+    :meth:`decode` returns the messages, or None when the snapshot cannot answer as read.lua
+    would (see :func:`convstate.window.cut`): the caller then runs :meth:`fallback`, read.lua.
+    """
+
+    ops: Operations
+    session_id: str
+    budget: int | None
+    commands: list[tuple[str | int, ...]]
+
+    def decode(self, replies: Sequence[Any]) -> list[dict[str, Any]] | None:
+        from convstate import window
+
+        meta, llen, head_part, tail_part = replies
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        if meta[0] is None:
+            raise SessionNotFoundError(f"session {self.session_id} does not exist")
+        cut = window.cut(
+            meta, int(llen), head_part, tail_part, self.budget, self.ops.counter.reply_priming
+        )
+        if cut is None:
+            return None
+        self.ops.remember_window(self.session_id, cut.head_count, cut.walked)
+        if cut.small:
+            raise budget_too_small(self.session_id, cut.used, cut.budget)
+        return api_messages(cut.records)
+
+    def fallback(self) -> Op[list[dict[str, Any]]]:
+        """read.lua, the authoritative read (its answer also sizes the next snapshot)."""
+        op = self.ops.context_window(self.session_id, self.budget)
+        ops, session_id = self.ops, self.session_id
+
+        def decode(reply: Any) -> list[dict[str, Any]]:
+            messages = op.decode(reply)
+            # read.lua does not say how far it walked: assume its window, a little more.
+            ops.remember_window(session_id, len(reply[1]), len(reply[2]) + 8)
+            return messages
+
+        return Op(op.script, op.keys, op.args, decode)
+
+
+@dataclass
+class TurnOp:
+    """An append and the context read that sees it, as one MULTI (see
+    :meth:`Operations.turn`)."""
+
+    append: Op[AppendResult]
+    read: SnapshotRead
+
+    def commands(self, append_sha: str) -> list[tuple[str | int, ...]]:
+        """The commands inside MULTI: EVALSHA of the append script, then the read snapshot."""
+        keys = self.append.keys
+        return [("EVALSHA", append_sha, len(keys), *keys, *self.append.args), *self.read.commands]
+
+    def decode(self, replies: Sequence[Any]) -> tuple[AppendResult, list[dict[str, Any]] | None]:
+        """The append's result and the context (None: run :meth:`SnapshotRead.fallback`).
+        An append's error reply is raised as its typed exception (then the read is moot)."""
+        first = replies[0]
+        if isinstance(first, Exception):
+            raise from_script_error(str(first)) or first
+        return self.append.decode(first), self.read.decode(replies[1:])
 
 
 @dataclass(frozen=True)
@@ -327,6 +438,11 @@ class Operations:
     #: maximum messages): the same for every call of a store, so computed once. ``schema``
     #: and ``config`` are frozen.
     _append_settings: tuple[str, int, int, int] = field(init=False, repr=False, compare=False)
+    #: Per session: its head count and how many of the newest records its last read walked
+    #: (see :meth:`context_snapshot`); at most :data:`WINDOW_HINTS` sessions.
+    _window_hints: dict[str, tuple[int, int]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         self._append_settings = (
@@ -562,17 +678,43 @@ class Operations:
 
         def decode(reply: Any) -> list[dict[str, Any]]:
             if reply[0] == b"SMALL" or reply[0] == "SMALL":
-                raise BudgetTooSmallError(
-                    f"a budget of {int(reply[4])} tokens cannot hold the {int(reply[3])} tokens "
-                    f"of session {session_id!r}'s system message(s), summary and reply "
-                    f"priming; raise the budget"
-                )
-            return [
-                to_api_message(json.loads(raw)) for part in (reply[1], reply[2]) for raw in part
-            ]
+                raise budget_too_small(session_id, int(reply[3]), int(reply[4]))
+            return api_messages([*reply[1], *reply[2]])
 
         args: list[str | int] = [session_id, budget or 0, priming, self.config.read_chunk]
         return Op("read", [keys.msgs, keys.meta], args, decode)
+
+    def context_snapshot(
+        self, session_id: str, budget: int | None, *, appended: int = 0
+    ) -> SnapshotRead:
+        """The read of :meth:`context_window` as plain commands for one MULTI (after an
+        append of ``appended`` messages, if any), cut here by :mod:`convstate.window`."""
+        from convstate import window  # window imports this module
+
+        keys = self.schema.session(session_id)
+        if budget is not None:
+            check_positive_int(budget, "budget")
+        hint = self._window_hints.get(session_id)
+        head_guess = hint[0] if hint is not None and hint[0] > 0 else window.DEFAULT_HEAD_GUESS
+        tail = window.tail_size(budget, hint, appended)
+        return SnapshotRead(
+            self, session_id, budget, window.snapshot_commands(keys, head_guess, tail)
+        )
+
+    def turn(
+        self, session_id: str, message: object, *, budget: int | None, create: bool
+    ) -> TurnOp:
+        """An append of ``message`` and the read of its context, both validated before
+        anything is sent (a bad budget stores nothing)."""
+        append = self.append(session_id, [message], create=create)
+        return TurnOp(append, self.context_snapshot(session_id, budget, appended=1))
+
+    def remember_window(self, session_id: str, head_count: int, walked: int) -> None:
+        """Keep how far a read of the session walked, to fetch enough next time (bounded)."""
+        hints = self._window_hints
+        if len(hints) >= WINDOW_HINTS and session_id not in hints:
+            hints.clear()
+        hints[session_id] = (head_count, walked)
 
     def update_context(
         self, session_id: str, mapping: Mapping[str, Any], *, replace: bool
