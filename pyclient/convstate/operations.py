@@ -212,17 +212,41 @@ def decode_record(raw: bytes | str) -> Any:
         return json.loads(raw)
 
 
+class _ApiMessage(msgspec.Struct, omit_defaults=True):
+    """The chat-completions fields of a record (:data:`API_FIELDS`); msgspec skips the rest
+    while decoding, and ``to_builtins`` leaves out the unset ones."""
+
+    role: Any = None
+    content: Any = None
+    name: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    refusal: Any = None
+    audio: Any = None
+    function_call: Any = None
+
+
+_API_LIST_DECODER = msgspec.json.Decoder(list[_ApiMessage])
+
+
 def api_messages(records: Iterable[bytes | str]) -> list[dict[str, Any]]:
     """Stored records -> the messages to send to a chat-completions API (known fields only).
 
     convstate validated these records on the way in, so they are not checked again: of each,
-    only the chat-completions fields that are set are kept.
+    only the chat-completions fields that are set (not None) are kept, in :data:`API_FIELDS`
+    order. What msgspec refuses (a record that is not an object, a number over 1e308) goes
+    through ``json.loads`` and :func:`to_api_message`.
     """
-    out = []
-    for raw in records:
-        record = decode_record(raw)
-        out.append({key: record[key] for key in API_FIELDS if record.get(key) is not None})
-    return out
+    raws = [raw.encode() if isinstance(raw, str) else raw for raw in records]
+    try:  # the records are JSON objects: as one array, they decode in one call
+        out: list[dict[str, Any]] = msgspec.to_builtins(
+            _API_LIST_DECODER.decode(b"[" + b",".join(raws) + b"]")
+        )
+        if len(out) == len(raws):  # (a record smuggling a "," would show here)
+            return out
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    return [to_api_message(json.loads(raw)) for raw in raws]
 
 
 def budget_too_small(session_id: str, needed: int, budget: int) -> BudgetTooSmallError:

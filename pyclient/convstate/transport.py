@@ -3,7 +3,7 @@
 A chat turn (append + in-budget read) is one MULTI of five commands. redis-py's
 ``pipeline(transaction=True)`` builds command objects, runs response callbacks and its retry
 machinery around them: about as long as the round trip itself. Here the block is packed once
-(hiredis's packer, which redis-py's connection uses when hiredis is installed), written with
+into one buffer (hiredis's packer, which redis-py's connection also uses), written with
 ``Connection.send_packed_command`` and read back with ``Connection.read_response``: redis-py's
 public connection API, so AUTH, TLS, RESP3 (push frames are handled inside ``read_response``),
 health checks and the pool's limits all stay redis-py's.
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,6 +38,16 @@ class FastPathUnavailable(Exception):
 
 def _wire(commands: Sequence[Command]) -> list[Command]:
     return [("MULTI",), *commands, ("EXEC",)]
+
+
+def _pack(conn: Any, wire: list[Command]) -> list[bytes]:
+    """The whole block as one buffer, for one ``sendall`` (redis-py's ``pack_commands`` gives
+    a list of chunks, each its own syscall, and encodes every argument in Python first).
+    hiredis encodes str as UTF-8: a connection with another encoding packs the usual way."""
+    if conn.encoder.encoding.lower().replace("-", "") != "utf8":
+        return list(conn.pack_commands(wire))
+    pack: Any = hiredis.pack_command  # (its stub takes one-element tuples only)
+    return [b"".join([pack(tuple(command)) for command in wire])]
 
 
 def _exec_reply(replies: list[Any]) -> list[Any]:
@@ -69,7 +80,7 @@ def _raw(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
         raise FastPathUnavailable(str(exc)) from exc
     try:
         wire = _wire(commands)
-        conn.send_packed_command(conn.pack_commands(wire))
+        conn.send_packed_command(_pack(conn, wire))
         replies: list[Any] = []
         for _ in wire:
             try:
@@ -114,7 +125,7 @@ async def _araw(client: redis.asyncio.Redis, commands: Sequence[Command]) -> lis
         raise FastPathUnavailable(str(exc)) from exc
     try:
         wire = _wire(commands)
-        await conn.send_packed_command(conn.pack_commands(wire))
+        await conn.send_packed_command(_pack(conn, wire))
         replies: list[Any] = []
         for _ in wire:
             try:
