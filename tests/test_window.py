@@ -449,9 +449,13 @@ def test_turn_with_an_exhausted_pool_raises_redis_py_error_and_writes_nothing(
         client.close()
 
 
-def test_turn_on_resp3_with_push_frames(redis_url: str, prefix: str, r: redis.Redis) -> None:
+def test_turn_on_resp3_with_push_frames(
+    redis_server: Any, redis_url: str, prefix: str, r: redis.Redis
+) -> None:
     """RESP3 with client tracking on: invalidation push frames arrive on the pooled
     connection between and during turns; every turn still reads its own replies."""
+    if redis_server.server_kind == "redis" and redis_server.binary_version < (7, 0):
+        pytest.xfail("Redis 6.2 sends tracking invalidations inside MULTI/EXEC replies")
     s = ConversationStore.from_url(
         redis_url, token_limit=1000, encoding=ENC, prefix=prefix, protocol=3
     )
@@ -459,7 +463,10 @@ def test_turn_on_resp3_with_push_frames(redis_url: str, prefix: str, r: redis.Re
         s.create_session("r1")
         pool: Any = s.redis.connection_pool
         conn = pool.get_connection()
-        conn.send_command("CLIENT", "TRACKING", "ON")
+        # NOLOOP: Redis 6.2 nests the invalidations of a connection's own writes inside its
+        # EXEC reply (fixed in 7.0), which no client can read; other clients' writes push
+        # between replies on every engine.
+        conn.send_command("CLIENT", "TRACKING", "ON", "NOLOOP")
         assert conn.read_response() in (b"OK", "OK")
         pool.release(conn)
         for i in range(5):

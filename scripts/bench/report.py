@@ -31,6 +31,8 @@ FLOW_LABELS = {
     "lua": "Lua RPUSH + HINCRBY + compare, tiktoken client-side",
     "conv_sync": "convstate append + get_context(budget=3000), sync",
     "conv_async": "convstate append + get_context(budget=3000), async",
+    "one_sync": "convstate append_and_get_context(budget=3000): one round trip, sync",
+    "one_async": "convstate append_and_get_context(budget=3000): one round trip, async",
     "agents": "openai-agents RedisSession add_items + get_items",
     "llama": "LlamaIndex RedisChatStore + ChatMemoryBuffer(3000) put + get",
 }
@@ -39,6 +41,8 @@ SHORT_LABELS = {
     "lua": "Lua baseline",
     "conv_sync": "convstate (sync)",
     "conv_async": "convstate (async)",
+    "one_sync": "convstate 1 RTT (sync)",
+    "one_async": "convstate 1 RTT (async)",
     "agents": "openai-agents RedisSession",
     "llama": "LlamaIndex ChatMemoryBuffer",
 }
@@ -47,6 +51,8 @@ COLORS = {
     "lua": "#1f77b4",
     "conv_sync": "#d62728",
     "conv_async": "#ff7f0e",
+    "one_sync": "#9467bd",
+    "one_async": "#8c564b",
     "agents": "#2ca02c",
     "llama": "#9467bd",
 }

@@ -44,7 +44,7 @@ class TurnMeasure:
         counter = self.counter
         body = self.body(store)
         tokens = counter.count_message(chat(0))
-        flows = ["rpush", "lua", "conv_sync", "conv_async"]
+        flows = ["rpush", "lua", "conv_sync", "conv_async", "one_sync", "one_async"]
         if RedisSession is not None:
             flows.append("agents")
         if ChatMemoryBuffer is not None:
@@ -106,6 +106,20 @@ class TurnMeasure:
                 returned["conv_async"][h] = len(window)
                 return None
 
+            def one_sync() -> object:
+                turn = store.append_and_get_context(
+                    f"live-one-sync-{h}", {"role": "user", "content": TEXT}, budget=TURN_BUDGET
+                )
+                returned["one_sync"][h] = len(turn.context)
+                return None
+
+            async def one_async() -> object:
+                turn = await astore.append_and_get_context(
+                    f"live-one-async-{h}", {"role": "user", "content": TEXT}, budget=TURN_BUDGET
+                )
+                returned["one_async"][h] = len(turn.context)
+                return None
+
             add(
                 "rpush",
                 lambda: raw.rpush(f"raw:live-{h}", body),
@@ -131,6 +145,18 @@ class TurnMeasure:
                 "conv_async",
                 conv_async,
                 conv_pairs(store, f"tmpl-{h}", f"live-async-{h}"),
+                is_async=True,
+            )
+            add(
+                "one_sync",
+                one_sync,
+                conv_pairs(store, f"tmpl-{h}", f"live-one-sync-{h}"),
+                is_async=False,
+            )
+            add(
+                "one_async",
+                one_async,
+                conv_pairs(store, f"tmpl-{h}", f"live-one-async-{h}"),
                 is_async=True,
             )
             if "agents" in flows:
