@@ -19,7 +19,9 @@ Pure: no I/O.
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 from convstate.keys import SessionKeys
@@ -97,6 +99,21 @@ def _cost(raw: bytes | str) -> tuple[int, bool] | None:
     return tokens, match[2] in (b"tool", "tool")
 
 
+def _costs(records: list[bytes | str]) -> tuple[list[int], list[Any]] | None:
+    """Each record's tokens and its prefix match (group 2: the role), or None if any record
+    lacks the prefix (read.lua must decode it) or has a count past :data:`_MAX_FAST_TOKENS`."""
+    if not records:
+        return [], []
+    pattern: Any = _COST if type(records[0]) is bytes else _COST_STR
+    matches = list(map(pattern.match, records))
+    if None in matches:
+        return None
+    tokens = [int(m[1]) for m in matches]
+    if max(tokens) > _MAX_FAST_TOKENS:
+        return None
+    return tokens, matches
+
+
 def cut(
     meta: Sequence[Any],
     llen: int,
@@ -128,34 +145,35 @@ def cut(
         used += cost[0]
     if used > budget:
         return Cut(True, [], used, budget, head_count, 0)
-    # Records at indices [0, len(head_part)) and [total - len(tail_part), total) are in hand.
+    # Records at indices [0, len(head_part)) and [total - len(tail_part), total) are in hand:
+    # the candidates are the in-hand records after the head, contiguous up to the newest.
     tail_start = total - len(tail_part)
-    picked: list[bytes | str] = []
-    costs: list[tuple[int, bool]] = []
-    walked = 0
-    index = total - 1
-    while index >= head_count:
-        if index >= tail_start:
-            raw = tail_part[index - tail_start]
-        elif index < len(head_part):
-            raw = head_part[index]
-        else:
-            return None  # the window reaches past what was fetched
-        walked += 1
-        cost = _cost(raw)
-        if cost is None:
-            return None
-        if used + cost[0] > budget:
-            break
-        used += cost[0]
-        picked.append(raw)
-        costs.append(cost)
-        index -= 1
+    if len(head_part) >= tail_start:  # everything after the head is in hand
+        candidates = [
+            *head_part[head_count:tail_start],
+            *tail_part[max(0, head_count - tail_start) :],
+        ]
+        complete = True
+    else:
+        candidates = list(tail_part[max(0, head_count - tail_start) :])
+        complete = tail_start <= head_count
+    candidates.reverse()  # newest first, as read.lua walks
+    costs = _costs(candidates)
+    if costs is None:
+        return None
+    tokens, matches = costs
+    # read.lua takes records while they fit: the longest prefix whose running sum fits.
+    sums = list(accumulate(tokens))
+    fits = bisect_right(sums, budget - used)
+    if fits == len(candidates) and not complete:
+        return None  # the window may reach past what was fetched
+    walked = min(fits + 1, len(candidates))
     # A window that starts with tool results lost their tool call: drop them.
-    last = len(picked)
-    while last > 0 and costs[last - 1][1]:
-        used -= costs[last - 1][0]
+    last = fits
+    while last > 0 and matches[last - 1][2] in (b"tool", "tool"):
         last -= 1
-    del picked[last:]
+    if last:
+        used += sums[last - 1]
+    picked = candidates[:last]
     picked.reverse()
     return Cut(False, head + picked, used, budget, head_count, walked)
