@@ -41,7 +41,13 @@ from convstate.operations import (
 )
 from convstate.scripts import Retries, all_sources, arun_script, run_script
 from convstate.tokens import TiktokenCounter, TokenCounter
-from convstate.transport import atransaction, transaction
+from convstate.transport import (
+    FastPathUnavailable,
+    acommand,
+    atransaction,
+    command,
+    transaction,
+)
 from convstate.urls import auth_error, check_redis_url
 
 if TYPE_CHECKING:
@@ -437,6 +443,19 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
 
     async def _evalsha(self, client: redis.asyncio.Redis, op: Op[Any]) -> Any:
         """Run ``op``'s script by its sha; see :meth:`ConversationStore._evalsha`."""
+        if not isinstance(self.redis, redis.asyncio.RedisCluster):
+            script = self._scripts[op.script]
+            try:
+                reply = await acommand(
+                    self.redis, ("EVALSHA", script.sha, len(op.keys), *op.keys, *op.args)
+                )
+            except FastPathUnavailable:
+                pass
+            else:
+                if not isinstance(reply, NoScriptError):
+                    if isinstance(reply, ResponseError):
+                        raise reply
+                    return reply
         return await arun_script(
             client,
             self._scripts[op.script],
@@ -709,8 +728,24 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         (:func:`~convstate.scripts.run_script`): a NOSCRIPT reply is retried up to
         :data:`~convstate.scripts.NOSCRIPT_RELOADS` times, and on a cluster TRYAGAIN and
         ClusterError are retried for :attr:`cluster_retry_timeout` seconds (a long slot
-        migration outlasts redis-py's own retries).
+        migration outlasts redis-py's own retries). On a standalone server the EVALSHA is
+        first sent on a pooled connection without redis-py's per-command layers
+        (:func:`convstate.transport.command`); a connection error or NOSCRIPT there takes this
+        usual path instead.
         """
+        if not isinstance(self.redis, redis.RedisCluster):
+            script = self._scripts[op.script]
+            try:
+                reply = command(
+                    self.redis, ("EVALSHA", script.sha, len(op.keys), *op.keys, *op.args)
+                )
+            except FastPathUnavailable:
+                pass
+            else:
+                if not isinstance(reply, NoScriptError):
+                    if isinstance(reply, ResponseError):
+                        raise reply
+                    return reply
         return run_script(
             self.redis,
             self._scripts[op.script],

@@ -61,6 +61,22 @@ def _exec_reply(replies: list[Any]) -> list[Any]:
     return list(exec_reply)
 
 
+def command(client: redis.Redis, cmd: Command) -> Any:
+    """One command on a pooled connection, the same way: its reply, or its error reply as an
+    exception instance; raises :class:`FastPathUnavailable` (the caller takes redis-py's own
+    path) on a connection error or for a single-connection client."""
+    if getattr(client, "connection", None) is not None:
+        raise FastPathUnavailable("single_connection_client")
+    return _raw_send(client, [cmd])[0]
+
+
+async def acommand(client: redis.asyncio.Redis, cmd: Command) -> Any:
+    """:func:`command` for asyncio clients."""
+    if getattr(client, "connection", None) is not None:
+        raise FastPathUnavailable("single_connection_client")
+    return (await _araw_send(client, [cmd]))[0]
+
+
 def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """Run ``commands`` in one MULTI/EXEC on a pooled connection; EXEC's replies, with a
     command's error reply as an exception instance in its place (not raised)."""
@@ -73,13 +89,16 @@ def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
 
 
 def _raw(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+    return _raw_send(client, _wire(commands))
+
+
+def _raw_send(client: redis.Redis, wire: list[Command]) -> list[Any]:
     pool: Any = client.connection_pool  # redis-py's connection API is untyped
     try:
         conn: Any = pool.get_connection()
     except _CONNECTION_ERRORS as exc:
         raise FastPathUnavailable(str(exc)) from exc
     try:
-        wire = _wire(commands)
         conn.send_packed_command(_pack(conn, wire))
         replies: list[Any] = []
         for _ in wire:
@@ -118,13 +137,16 @@ async def atransaction(client: redis.asyncio.Redis, commands: Sequence[Command])
 
 
 async def _araw(client: redis.asyncio.Redis, commands: Sequence[Command]) -> list[Any]:
+    return await _araw_send(client, _wire(commands))
+
+
+async def _araw_send(client: redis.asyncio.Redis, wire: list[Command]) -> list[Any]:
     pool: Any = client.connection_pool  # redis-py's connection API is untyped
     try:
         conn: Any = await pool.get_connection()
     except _CONNECTION_ERRORS as exc:
         raise FastPathUnavailable(str(exc)) from exc
     try:
-        wire = _wire(commands)
         await conn.send_packed_command(_pack(conn, wire))
         replies: list[Any] = []
         for _ in wire:
