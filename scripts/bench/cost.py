@@ -41,6 +41,14 @@ class CostMeasure:
             refill.ensure()  # a COPY now and then: not an EVALSHA, not counted
             return store.append(sid, {"role": "user", "content": TEXT})
 
+        grow_t10k = Refill(admin, conv_pairs(store, "c-10000", "t-10000"), tolerance(10_000))
+
+        def turn(sid: str, refill: Refill) -> object:
+            refill.ensure()
+            return store.append_and_get_context(
+                sid, {"role": "user", "content": TEXT}, budget=TURN_BUDGET
+            )
+
         def lua() -> object:
             tokens = self.counter.count_message({"role": "user", "content": TEXT})
             return anchor(keys=["lua:msgs", "lua:meta"], args=[body, tokens, NO_FLAG_LIMIT])
@@ -51,19 +59,29 @@ class CostMeasure:
             ("append (history 1,000)", "evalsha", lambda: append("a-1000", grow_1k)),
             ("append (history 10,000)", "evalsha", lambda: append("a-10000", grow_10k)),
             (
-                "read: get_context(budget=3000), history 1,000",
-                "evalsha",
+                "read: get_context(budget=3000), history 1,000 (MULTI)",
+                "exec",
                 lambda: store.get_context("c-1000", budget=TURN_BUDGET),
             ),
             (
-                "read: get_context(budget=3000), history 10,000",
-                "evalsha",
+                "read: get_context(budget=3000), history 10,000 (MULTI)",
+                "exec",
                 lambda: store.get_context("c-10000", budget=TURN_BUDGET),
             ),
             (
-                "read: get_context(budget=8000), history 10,000",
-                "evalsha",
+                "read: get_context(budget=8000), history 10,000 (MULTI)",
+                "exec",
                 lambda: store.get_context("c-10000", budget=8_000),
+            ),
+            (
+                "read.lua (the fallback), budget=3000, history 10,000",
+                "evalsha",
+                lambda: store._run(store.ops.context_window("c-10000", TURN_BUDGET)),
+            ),
+            (
+                "turn: append_and_get_context(budget=3000), history 10,000",
+                "exec",
+                lambda: turn("t-10000", grow_t10k),
             ),
             (
                 "create: create_session(system=...)",
@@ -88,7 +106,8 @@ class CostMeasure:
             ),
         ]
         for label, _, op in ops:
-            for _ in range(20 if label.startswith(("RPUSH", "Lua", "peek", "read")) else 0):
+            warm = label.startswith(("RPUSH", "Lua", "peek", "read", "turn"))
+            for _ in range(20 if warm else 0):
                 op()  # warm-up: load the script
         usec: dict[str, list[float]] = {label: [] for label, _, _ in ops}
         inside: dict[str, dict[str, list[float]]] = {label: {} for label, _, _ in ops}
@@ -147,7 +166,9 @@ class CostReport:
             "INFO commandstats `usec_per_call` (server CPU per call, the round trip excluded): "
             "each operation runs alone between CONFIG RESETSTAT and INFO, "
             f"{n(self.s.cost_ops)} calls per run (all EVALSHAs share one commandstats entry, "
-            "hence the isolation). *Inside*: commands the script ran per call.\n\n"
+            "hence the isolation). *Inside*: commands the script ran per call. A read is one "
+            "MULTI of plain commands (its EXEC's time includes them), read.lua only its "
+            "fallback; at budget 3,000 a read returns 37 messages.\n\n"
             + table(["operation", "usec per call", "x RPUSH", "inside, per call"], rows)
             + "\n\n"
             + self.image("server_cost.png", "server-side cost per call")

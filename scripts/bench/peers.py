@@ -98,7 +98,7 @@ def llama_child(server: RedisServer, key: str, cap_s: float) -> dict[str, Any]:
 PEER_ROWS = (
     (
         "round trips per turn",
-        "2 (one script appends, one reads)",
+        "2 (one script appends, one reads); 1 with append_and_get_context (one MULTI)",
         "5 (WATCH, TYPE x2, MULTI/EXEC; LRANGE), 7 with a TTL (counted by the server)",
         "2 (RPUSH; LRANGE of the whole list), 3 with a TTL (EXPIRE)",
     ),

@@ -289,6 +289,14 @@ class ReportBase:
                 f"{t(max(self.turn_p50('conv_sync', h)[0] for h in H_TURN))}, {x(min(conv))} to "
                 f"{x(max(conv))} a bare RPUSH, at 10 to 5,000 stored messages."
             )
+            if "one_sync" in flows:
+                one = [self.turn_ratio("one_sync", h) for h in H_TURN]
+                bits.append(
+                    f"In one round trip (`append_and_get_context`): "
+                    f"{t(self.turn_p50('one_sync', H_TURN[0])[0])} to "
+                    f"{t(max(self.turn_p50('one_sync', h)[0] for h in H_TURN))}, {x(min(one))} "
+                    f"to {x(max(one))}."
+                )
             if "agents" in flows:
                 ag = [self.turn_ratio("agents", h) for h in H_TURN]
                 bits.append(
