@@ -541,9 +541,15 @@ def test_sync_client_every_operation_on_every_master(
                 assert all(direct.exists(schema.session(sid).meta) for sid in ids)
 
         flush_scripts(cluster)  # e.g. a restart: every script comes back on NOSCRIPT
-        for sid in sids:
-            assert store.append(sid, turn(sid, 4)).message_count == 5
-            assert len(store.get_context(sid)) == 5
+        for n, sid in enumerate(sids):
+            if n % 2:  # the one-round-trip turn takes the two-call path on a cluster
+                both = store.append_and_get_context(sid, turn(sid, 4))
+                assert both.appended.message_count == 5
+                assert both.context == store.get_context(sid)
+                assert len(both.context) == 5
+            else:
+                assert store.append(sid, turn(sid, 4)).message_count == 5
+                assert len(store.get_context(sid)) == 5
             assert store.get_state(sid).context == {"user": f"u-{sids.index(sid)}", "lang": "en"}
             assert store.update_context(sid, {"only": 1}, replace=True) == 1
             assert len(store.get_messages(sid)) == 5
@@ -589,11 +595,18 @@ async def test_async_client_every_operation_on_every_master(cluster: LocalCluste
         flush_scripts(cluster)
         results = await asyncio.gather(*(store.append(sid, turn(sid, 3)) for sid in sids))
         assert [r.message_count for r in results] == [5] * len(sids)
+        turns = await asyncio.gather(
+            *(store.append_and_get_context(sid, turn(sid, 4), budget=1_000) for sid in sids)
+        )
+        for sid, both in zip(sids, turns, strict=True):
+            assert both.appended.message_count == 6
+            assert both.context == await store.get_context(sid, budget=1_000)
+            assert both.context[-1]["content"] == turn(sid, 4)["content"]
         for sid in sids:
             state = await store.get_state(sid)
             assert state.context == {"user": sid, "lang": "en"}
             assert state.meta.token_count == sum(int(r["tokens"]) for r in state.messages)
-            assert len(await store.get_messages(sid)) == 5
+            assert len(await store.get_messages(sid)) == 6
             assert await store.exists(sid)
         flush_scripts(cluster)
         assert all(await asyncio.gather(*(store.delete_session(sid) for sid in sids)))
@@ -1064,6 +1077,15 @@ async def test_wait_replicas_on_a_standalone_master_and_replica() -> None:
             await astore.create_session("a", system=SYSTEM)
             assert store.append("s", turn("s", 0)).replicas == 1
             assert (await astore.append("a", turn("a", 0))).replicas == 1
+            # With wait_replicas the turn appends and WAITs, then reads: replicas reported.
+            both = store.append_and_get_context("s", turn("s", 2))
+            assert (both.appended.replicas, both.context[-1]["content"]) == (
+                1,
+                turn("s", 2)["content"],
+            )
+            aboth = await astore.append_and_get_context("a", turn("a", 2))
+            assert aboth.appended.replicas == 1
+            assert aboth.context == await astore.get_context("a")
             sleeper = _debug_sleep(secondary, 1.8)
             started = time.monotonic()
             sync_result = store.append("s", turn("s", 1))
@@ -1298,9 +1320,16 @@ def test_the_client_retries_tryagain_and_cluster_errors_until_its_deadline(
 ) -> None:
     """What the migration tests rely on, deterministically (a standalone server, EVALSHA made
     to fail): TRYAGAIN and ClusterError mean the script did not run, so the call is retried
-    for ``cluster_retry_timeout`` seconds, then the error reaches the caller."""
+    for ``cluster_retry_timeout`` seconds, then the error reaches the caller. (One
+    connection: scripts then go through redis-py's ``evalsha``, the path a cluster takes,
+    not the standalone fast path.)"""
     with ConversationStore.from_url(
-        redis_url, token_limit=10_000, encoding=ENC, prefix=new_prefix(), shards=FEW_SHARDS
+        redis_url,
+        token_limit=10_000,
+        encoding=ENC,
+        prefix=new_prefix(),
+        shards=FEW_SHARDS,
+        single_connection_client=True,
     ) as store:
         store.create_session("s", system=SYSTEM)
         store.append("s", turn("s", 0, message_id="warm"))  # the script is cached now
@@ -1330,7 +1359,12 @@ async def test_the_async_client_retries_tryagain_until_its_deadline(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = AsyncConversationStore.from_url(
-        redis_url, token_limit=10_000, encoding=ENC, prefix=new_prefix(), shards=FEW_SHARDS
+        redis_url,
+        token_limit=10_000,
+        encoding=ENC,
+        prefix=new_prefix(),
+        shards=FEW_SHARDS,
+        single_connection_client=True,  # redis-py's evalsha, the path a cluster takes
     )
     try:
         await store.create_session("a", system=SYSTEM)

@@ -36,6 +36,15 @@ class FastPathUnavailable(Exception):
     """The raw MULTI could not be sent or read; nothing is known about whether it ran."""
 
 
+def _single_connection(client: Any) -> bool:
+    """A ``single_connection_client``: its one connection is redis-py's to manage."""
+    return bool(
+        getattr(client, "connection", None) is not None
+        or getattr(client, "single_connection_client", False)
+        or getattr(client, "_single_connection_client", False)
+    )
+
+
 def _wire(commands: Sequence[Command]) -> list[Command]:
     return [("MULTI",), *commands, ("EXEC",)]
 
@@ -65,14 +74,14 @@ def command(client: redis.Redis, cmd: Command) -> Any:
     """One command on a pooled connection, the same way: its reply, or its error reply as an
     exception instance; raises :class:`FastPathUnavailable` (the caller takes redis-py's own
     path) on a connection error or for a single-connection client."""
-    if getattr(client, "connection", None) is not None:
+    if _single_connection(client):
         raise FastPathUnavailable("single_connection_client")
     return _raw_send(client, [cmd])[0]
 
 
 async def acommand(client: redis.asyncio.Redis, cmd: Command) -> Any:
     """:func:`command` for asyncio clients."""
-    if getattr(client, "connection", None) is not None:
+    if _single_connection(client):
         raise FastPathUnavailable("single_connection_client")
     return (await _araw_send(client, [cmd]))[0]
 
@@ -80,7 +89,7 @@ async def acommand(client: redis.asyncio.Redis, cmd: Command) -> Any:
 def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """Run ``commands`` in one MULTI/EXEC on a pooled connection; EXEC's replies, with a
     command's error reply as an exception instance in its place (not raised)."""
-    if getattr(client, "connection", None) is not None:  # single_connection_client
+    if _single_connection(client):
         return pipeline_transaction(client, commands)
     try:
         return _exec_reply(_raw(client, commands))
@@ -128,7 +137,7 @@ def pipeline_transaction(client: redis.Redis, commands: Sequence[Command]) -> li
 
 async def atransaction(client: redis.asyncio.Redis, commands: Sequence[Command]) -> list[Any]:
     """:func:`transaction` for asyncio clients."""
-    if getattr(client, "connection", None) is not None:  # single_connection_client
+    if _single_connection(client):
         return await apipeline_transaction(client, commands)
     try:
         return _exec_reply(await _araw(client, commands))
