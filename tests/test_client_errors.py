@@ -88,11 +88,17 @@ async def test_a_server_requiring_a_password_says_where_it_goes(
         with pytest.raises(RedisAuthenticationError) as info:
             s.exists("s1")
         errors.append(info.value)
+        with pytest.raises(RedisAuthenticationError) as info:
+            s.append_and_get_context("s1", {"role": "user", "content": "hi"}, create=True)
+        errors.append(info.value)
     async with AsyncConversationStore.from_url(
         url, token_limit=100, encoding=ENCODING, prefix=prefix
     ) as a:
         with pytest.raises(RedisAuthenticationError) as ainfo:
             await a.get_context("s1")
+        errors.append(ainfo.value)
+        with pytest.raises(RedisAuthenticationError) as ainfo:
+            await a.append_and_get_context("s1", {"role": "user", "content": "hi"}, create=True)
         errors.append(ainfo.value)
     for exc in errors:
         assert str(exc) == (

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import redis
@@ -112,6 +112,19 @@ def _typed(exc: Exception) -> ConvstateError | None:
             return auth_error(str(exc))
         return from_script_error(str(exc))
     return None
+
+
+@contextlib.contextmanager
+def _typed_errors() -> Iterator[None]:
+    """Raise a Redis error as its typed convstate exception (see :func:`_typed`), as
+    ``_run`` does, for the paths that send more than one script call."""
+    try:
+        yield
+    except (ResponseError, AuthenticationError) as exc:
+        typed = _typed(exc)
+        if typed is None:
+            raise
+        raise typed from None
 
 
 class _SlotRoute:
@@ -443,11 +456,11 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
 
     async def _evalsha(self, client: redis.asyncio.Redis, op: Op[Any]) -> Any:
         """Run ``op``'s script by its sha; see :meth:`ConversationStore._evalsha`."""
-        if not isinstance(self.redis, redis.asyncio.RedisCluster):
+        if not isinstance(client, redis.asyncio.RedisCluster):
             script = self._scripts[op.script]
             try:
                 reply = await acommand(
-                    self.redis, ("EVALSHA", script.sha, len(op.keys), *op.keys, *op.args)
+                    client, ("EVALSHA", script.sha, len(op.keys), *op.keys, *op.args)
                 )
             except FastPathUnavailable:
                 pass
@@ -525,9 +538,11 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         if isinstance(self.redis, redis.asyncio.RedisCluster):
             return await self._run(self.ops.context_window(session_id, budget))
         snap = self.ops.context_snapshot(session_id, budget)
-        if not self._config_checked:
-            await self._check_config()
-        messages = snap.decode(await atransaction(self.redis, snap.commands))
+        with _typed_errors():
+            async with self.client() as client:
+                if not self._config_checked:
+                    await self._check_config(client)
+                messages = snap.decode(await atransaction(client, snap.commands))
         if messages is None:
             return await self._run(snap.fallback())
         return messages
@@ -553,19 +568,20 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         if self.wait_replicas or isinstance(self.redis, redis.asyncio.RedisCluster):
             appended = await self._run(turn.append)
             return Turn(appended, await self.get_context(session_id, budget))
-        if not self._config_checked:
-            await self._check_config()
         script = self._scripts["append"]
         retries = Retries(self.cluster_retry_timeout)
-        while True:
-            replies = await atransaction(self.redis, turn.commands(script.sha))
-            if isinstance(replies[0], NoScriptError) and retries.may_reload():
-                script.sha = await self.redis.script_load(script.script)
-                continue
+        with _typed_errors():
+            async with self.client() as client:
+                if not self._config_checked:
+                    await self._check_config(client)
+                replies = await atransaction(client, turn.commands(script.sha))
+                while isinstance(replies[0], NoScriptError) and retries.may_reload():
+                    script.sha = await client.script_load(script.script)
+                    replies = await atransaction(client, turn.commands(script.sha))
             appended, messages = turn.decode(replies)
-            if messages is None:
-                messages = await self._run(turn.read.fallback())
-            return Turn(appended, messages)
+        if messages is None:
+            messages = await self._run(turn.read.fallback())
+        return Turn(appended, messages)
 
     async def update_context(
         self, session_id: str, mapping: Mapping[str, Any], *, replace: bool = False
@@ -792,9 +808,10 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         if isinstance(self.redis, redis.RedisCluster):
             return self._run(self.ops.context_window(session_id, budget))
         snap = self.ops.context_snapshot(session_id, budget)
-        if not self._config_checked:
-            self._check_config()
-        messages = snap.decode(transaction(self.redis, snap.commands))
+        with _typed_errors():
+            if not self._config_checked:
+                self._check_config()
+            messages = snap.decode(transaction(self.redis, snap.commands))
         if messages is None:
             return self._run(snap.fallback())
         return messages
@@ -812,19 +829,19 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         if self.wait_replicas or isinstance(self.redis, redis.RedisCluster):
             appended = self._run(turn.append)
             return Turn(appended, self.get_context(session_id, budget))
-        if not self._config_checked:
-            self._check_config()
         script = self._scripts["append"]
         retries = Retries(self.cluster_retry_timeout)
-        while True:
+        with _typed_errors():
+            if not self._config_checked:
+                self._check_config()
             replies = transaction(self.redis, turn.commands(script.sha))
-            if isinstance(replies[0], NoScriptError) and retries.may_reload():
+            while isinstance(replies[0], NoScriptError) and retries.may_reload():
                 script.sha = self.redis.script_load(script.script)
-                continue
+                replies = transaction(self.redis, turn.commands(script.sha))
             appended, messages = turn.decode(replies)
-            if messages is None:
-                messages = self._run(turn.read.fallback())
-            return Turn(appended, messages)
+        if messages is None:
+            messages = self._run(turn.read.fallback())
+        return Turn(appended, messages)
 
     def update_context(
         self, session_id: str, mapping: Mapping[str, Any], *, replace: bool = False

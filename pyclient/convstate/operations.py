@@ -29,7 +29,6 @@ from convstate.errors import (
     SessionNotFoundError,
     ShardCountMismatchError,
     ValidationError,
-    from_script_error,
     short_repr,
 )
 from convstate.keys import KeySchema, SessionKeys
@@ -347,7 +346,8 @@ class SnapshotRead:
             if isinstance(reply, Exception):
                 raise reply
         if meta[0] is None:
-            raise SessionNotFoundError(f"session {self.session_id} does not exist")
+            # (from None: as the script's CS_NOSESSION is raised, with no chained traceback)
+            raise SessionNotFoundError(f"session {self.session_id} does not exist") from None
         cut = window.cut(
             meta, int(llen), head_part, tail_part, self.budget, self.ops.counter.reply_priming
         )
@@ -387,10 +387,11 @@ class TurnOp:
 
     def decode(self, replies: Sequence[Any]) -> tuple[AppendResult, list[dict[str, Any]] | None]:
         """The append's result and the context (None: run :meth:`SnapshotRead.fallback`).
-        An append's error reply is raised as its typed exception (then the read is moot)."""
+        An append's error reply is raised (then the read is moot); the client raises it as
+        its typed exception, as for :meth:`append`."""
         first = replies[0]
         if isinstance(first, Exception):
-            raise from_script_error(str(first)) or first
+            raise first
         return self.append.decode(first), self.read.decode(replies[1:])
 
 
