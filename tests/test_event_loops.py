@@ -166,3 +166,28 @@ def test_binding_the_home_loop_is_thread_safe(redis_url: str, prefix: str) -> No
     for t in threads:
         t.join(timeout=30)
     assert sorted(homes) == [False, False, False, True]
+
+
+async def test_turns_and_reads_from_threads_with_their_own_loops(
+    astore: AsyncConversationStore, r: redis.Redis
+) -> None:
+    """append_and_get_context and get_context (their MULTI on a pooled connection) from
+    threads with fresh loops: each turn reads its own message; connections are closed."""
+    await astore.create_session("t")
+    before = _client_count(r)
+
+    def turn(i: int) -> bool:
+        loop = asyncio.new_event_loop()
+        try:
+            msg = {"role": "user", "content": f"t{i}"}
+            done = loop.run_until_complete(astore.append_and_get_context("t", msg))
+            again = loop.run_until_complete(astore.get_context("t"))
+            return msg in done.context and msg in again
+        finally:
+            loop.close()
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        assert all(pool.map(turn, range(10)))
+    assert len(await astore.get_messages("t")) == 10
+    gc.collect()
+    assert _client_count(r) == before
