@@ -538,3 +538,31 @@ def test_turn_survives_a_server_restart_mid_call(
     finally:
         s.close()
         server.stop()
+
+
+# -- decoding: msgspec gives what json.loads + to_api_message gave ---------------------------
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [b'{"tokens":3,"role":"user","content":"hi","id":"a","kind":"message","ts":1,"x":1}'],
+        [b'{"role":"assistant","content":null,"tool_calls":[{"id":"c","n":' + b"9" * 30 + b"}]}"],
+        [b'{"role":"user","content":[{"type":"text","text":"\\u00e9"}],"name":null}', b"[1]"],
+        [b'{"role":"user","content":1e999}', b'{"content":"no role"}'],
+        ['{"role":"user","content":"str record","audio":{"id":"x"}}'],
+    ],
+)
+def test_api_messages_decode_as_json_did(records: list[Any]) -> None:
+    from convstate.operations import api_messages
+
+    assert api_messages(records) == [to_api_message(json.loads(raw)) for raw in records]
+
+
+@pytest.mark.parametrize("bad", [b'{"role":"user","content":"', b"", b'{"a":1}{"b":2}'])
+def test_api_messages_raise_on_a_malformed_record(bad: bytes) -> None:
+    """A malformed record raises as json.loads does (nothing is silently dropped or merged)."""
+    from convstate.operations import api_messages
+
+    with pytest.raises(json.JSONDecodeError):
+        api_messages([b'{"role":"user","content":"ok"}', bad])

@@ -225,7 +225,7 @@ class _ApiMessage(msgspec.Struct, omit_defaults=True):
     function_call: Any = None
 
 
-_API_LIST_DECODER = msgspec.json.Decoder(list[_ApiMessage])
+_API_DECODER = msgspec.json.Decoder(_ApiMessage)
 
 
 def api_messages(records: Iterable[bytes | str]) -> list[dict[str, Any]]:
@@ -236,16 +236,13 @@ def api_messages(records: Iterable[bytes | str]) -> list[dict[str, Any]]:
     order. What msgspec refuses (a record that is not an object, a number over 1e308) goes
     through ``json.loads`` and :func:`to_api_message`.
     """
-    raws = [raw.encode() if isinstance(raw, str) else raw for raw in records]
-    try:  # the records are JSON objects: as one array, they decode in one call
-        out: list[dict[str, Any]] = msgspec.to_builtins(
-            _API_LIST_DECODER.decode(b"[" + b",".join(raws) + b"]")
-        )
-        if len(out) == len(raws):  # (a record smuggling a "," would show here)
-            return out
+    raws = list(records)
+    decode = _API_DECODER.decode
+    try:  # each record on its own: a malformed one raises, as json.loads would
+        out: list[dict[str, Any]] = msgspec.to_builtins([decode(raw) for raw in raws])
+        return out
     except (msgspec.DecodeError, msgspec.ValidationError):
-        pass
-    return [to_api_message(json.loads(raw)) for raw in raws]
+        return [to_api_message(json.loads(raw)) for raw in raws]
 
 
 def budget_too_small(session_id: str, needed: int, budget: int) -> BudgetTooSmallError:
