@@ -66,9 +66,9 @@ class ReadsReport:
             "## 3. get_context against history length and budget\n\n"
             "`get_context(sid, budget)` on sessions holding H messages (a system message, then "
             "alternating user/assistant): p50 / p99, and what it returned (messages, tokens "
-            "with the reply priming). The read walks back from the newest message in chunks "
-            "and stops when the budget is full, so its cost should follow the budget, not "
-            "H.\n\n"
+            "with the reply priming). The read fetches the session's head and about as many "
+            "of its newest records as its last window held (one MULTI) and cuts the window "
+            "where the budget is full, so its cost should follow the budget, not H.\n\n"
             + table(
                 [
                     "budget",
