@@ -87,8 +87,9 @@ def assert_consistent(
     *,
     compacted: bool = False,
 ) -> list[dict[str, Any]]:
-    """The meta totals, head count and id set agree exactly with the stored records (after a
-    compaction the id set also keeps the folded messages' ids, so retries stay dropped)."""
+    """The meta totals, head count and id hash agree exactly with the stored records (after a
+    compaction the id hash also keeps the folded messages' ids, so retries stay dropped; past
+    the idempotency window it keeps only the newest ids)."""
     keys = s.schema.session(sid)
     records = [json.loads(raw) for raw in r.lrange(keys.msgs, 0, -1)]
     meta = {text(k): text(v) for k, v in r.hgetall(keys.meta).items()}
@@ -100,9 +101,15 @@ def assert_consistent(
     ):
         head += 1
     assert int(meta["head_count"]) == head
-    ids = {text(m) for m in r.smembers(keys.ids)}
+    ids = {text(m) for m in r.hkeys(keys.ids)}
+    log = [text(m) for m in r.lrange(keys.idlog, 0, -1)]
+    assert sorted(log) == sorted(ids)
     stored = {rec["id"] for rec in records}
-    if compacted:
+    appended = int(meta.get("appended", 0)) + int(meta.get("epoch", 0))
+    if appended > s.config.id_window:  # only the newest ids are kept
+        assert len(ids) <= s.config.id_window
+        assert records[-1]["id"] in ids
+    elif compacted:
         assert ids >= stored
     else:
         assert ids == stored
@@ -906,7 +913,8 @@ async def test_session_summary_item_after_compaction(
     records = assert_consistent(r, astore, "ag-8", compacted=True)
     assert await session.pop_item() == items[-1]
     assert_consistent(r, astore, "ag-8", compacted=True)
-    assert not r.sismember(astore.schema.session("ag-8").ids, records[-1]["id"])
+    assert not r.hexists(astore.schema.session("ag-8").ids, records[-1]["id"])
+    assert records[-1]["id"].encode() not in r.lrange(astore.schema.session("ag-8").idlog, 0, -1)
 
 
 # -- Agents SDK Runner, offline ----------------------------------------------------------------
@@ -1002,8 +1010,8 @@ async def test_session_pop_item_refreshes_the_ttl(
             [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
         )
         keys = store.schema.session("ag-ttl")
-        for key in (keys.msgs, keys.meta, keys.ids):
+        for key in (keys.msgs, keys.meta, keys.ids, keys.idlog):
             r.pexpire(key, 5_000)
         assert await session.pop_item() == {"role": "user", "content": "b"}
-        for key in (keys.msgs, keys.meta, keys.ids):
+        for key in (keys.msgs, keys.meta, keys.ids, keys.idlog):
             assert 5_000 < r.pttl(key) <= 100_000

@@ -952,7 +952,7 @@ async def test_archive_ttl_defaults_to_the_sessions_ttl(
     claim = await compactor.claim(sid)
     assert claim is not None
     assert (await compactor.compact(claim)).status == "compacted"
-    for key in (keys.archive, keys.msgs, keys.meta, keys.ids):
+    for key in (keys.archive, keys.msgs, keys.meta, keys.ids, keys.idlog):
         assert 490 < await ar.ttl(key) <= 500, key
 
 

@@ -597,7 +597,7 @@ def settle(
 
 def session_keys(f: Fixture, sid: str) -> set[bytes]:
     k = f.store.schema.session(sid)
-    return {k.msgs.encode(), k.meta.encode(), k.ids.encode()}
+    return {k.msgs.encode(), k.meta.encode(), k.ids.encode(), k.idlog.encode(), k.deleted.encode()}
 
 
 # -- part 1: the public API ---------------------------------------------------------------------
@@ -792,7 +792,7 @@ def test_fuzz_store_settings(
             meta = store.get_state("a").meta
             assert (meta.token_limit, meta.ttl) == (token_limit, ttl)
             if ttl is not None:
-                for key in session_keys(f, "a"):
+                for key in session_keys(f, "a") - {store.schema.session("a").deleted.encode()}:
                     assert 0 < client.pttl(key) <= ttl * 1000
             settle(f, lambda: store.get_context("a"), read_only=True)
     finally:
@@ -811,7 +811,7 @@ def documented_errors(name: str) -> set[str]:
 #: Error codes each script's header documents (e.g. append: CS_NOSESSION, CS_FULL, CS_BADARG;
 #: delete and peek: none).
 DOCUMENTED_ERRORS: dict[str, set[str]] = {name: documented_errors(name) for name in SCRIPT_NAMES}
-CODES = ("CS_NOSESSION", "CS_EXISTS", "CS_FULL", "CS_LEASE", "CS_BADARG")
+CODES = ("CS_NOSESSION", "CS_EXISTS", "CS_FULL", "CS_IDCONFLICT", "CS_LEASE", "CS_BADARG")
 LEASE = "lease-token"
 SCRIPT_SIDS = ("s1", "s2", "s3", "s4", "s5", "ghost")
 #: Sessions in the state where each script has something to do (picked more often).
@@ -914,12 +914,22 @@ class ScriptCall:
 def script_keys(schema: KeySchema, name: str, sid: str) -> list[str]:
     k = schema.session(sid)
     return {
-        "append": [k.msgs, k.meta, k.ids, k.queue],
-        "create": [k.msgs, k.meta, k.ids],
+        "append": [k.msgs, k.meta, k.ids, k.queue, k.idlog, k.archive],
+        "create": [k.msgs, k.meta, k.ids, k.idlog, k.archive],
         "read": [k.msgs, k.meta],
         "state": [k.msgs, k.meta],
-        "update_context": [k.msgs, k.meta, k.ids],
-        "delete": [k.msgs, k.meta, k.ids, k.queue, k.running, k.archive, k.dead],
+        "update_context": [k.msgs, k.meta, k.ids, k.idlog, k.archive],
+        "delete": [
+            k.msgs,
+            k.meta,
+            k.ids,
+            k.queue,
+            k.running,
+            k.archive,
+            k.dead,
+            k.idlog,
+            k.deleted,
+        ],
         "claim": [k.queue, k.running, k.meta],
         "heartbeat": [k.running, k.meta],
         "release": [k.queue, k.running, k.meta, k.dead],
@@ -941,7 +951,6 @@ def record_body(data: st.DataObject, tokens: int, role: str, mid: str) -> str:
 
 def valid_argv(data: st.DataObject, name: str, sid: str, channel: str) -> list[Any]:
     """The ARGV the header documents, with plausible values."""
-    now = data.draw(st.integers(1, 2**42), label="now")
     ints = st.integers(0, 50)
     # TTLs in ms: none, or long enough not to expire while the invariants are checked (a TTL
     # of a few ms let the keys of a session expire one by one between HGETALL and LRANGE).
@@ -954,14 +963,16 @@ def valid_argv(data: st.DataObject, name: str, sid: str, channel: str) -> list[A
             tokens = data.draw(ints, label="tokens")
             role = data.draw(st.sampled_from(["user", "system", "tool"]), label="role")
             body = record_body(data, tokens, role, mid)
-            out += [mid, tokens, *([int(role == "system")] if with_flag else []), body]
+            digest = data.draw(st.sampled_from(["d1", "d2"]), label="digest")
+            out += [mid, tokens, *([int(role == "system")] if with_flag else []), body, digest]
         return out
 
     if name == "append":
         msgs = messages(with_flag=True)
-        head = [now, sid, channel, data.draw(st.sampled_from([0, 1]), label="create")]
+        window = data.draw(st.integers(1, 5), label="id window")
+        head = [window, sid, channel, data.draw(st.sampled_from([0, 1]), label="create")]
         head += [data.draw(st.integers(1, 300), label="limit"), data.draw(ttls, label="ttl")]
-        head += [data.draw(st.integers(0, 10), label="max"), len(msgs) // 4]
+        head += [data.draw(st.integers(0, 10), label="max"), len(msgs) // 5]
         return head + msgs
     if name == "create":
         msgs = messages(with_flag=False)
@@ -971,12 +982,12 @@ def valid_argv(data: st.DataObject, name: str, sid: str, channel: str) -> list[A
         limit = data.draw(st.integers(1, 300), label="limit")
         exist_ok = data.draw(st.sampled_from([0, 1]), label="exist_ok")
         return [
-            now,
+            data.draw(st.sampled_from(["token-1", "token-2"]), label="creation token"),
             sid,
             limit,
             data.draw(ttls, label="ttl"),
             exist_ok,
-            len(msgs) // 3,
+            len(msgs) // 4,
             *msgs,
             *ctx,
         ]
@@ -993,9 +1004,10 @@ def valid_argv(data: st.DataObject, name: str, sid: str, channel: str) -> list[A
         pairs: list[Any] = []
         for key in data.draw(st.lists(st.sampled_from(["user", "n", "z"]), max_size=3)):
             pairs += [key, data.draw(st.sampled_from(["", "1", '"x"']), label="value")]
-        return [now, sid, data.draw(st.sampled_from([0, 1]), label="replace"), *pairs]
+        return [sid, data.draw(st.sampled_from([0, 1]), label="replace"), *pairs]
     if name == "delete":
-        return [sid]
+        token = data.draw(st.sampled_from(["token-1", "token-2"]), label="delete token")
+        return [sid, token, 60_000]
     if name == "claim":
         return [sid, data.draw(st.integers(1, 60_000), label="lease"), "new-token"]
     if name == "heartbeat":
@@ -1058,14 +1070,14 @@ def script_baseline(r: redis.Redis, prefix: str) -> ConversationStore:
 
 def tokens_stored_by(call: ScriptCall, added: list[Any]) -> float:
     """The Lua sum of the ARGV tokens of the records ``call`` appended (``added``, in order)."""
-    # append: n at ARGV[8], then (id, tokens, is-system, body) from ARGV[9];
-    # create: n at ARGV[6], then (id, tokens, body) from ARGV[7]. The call succeeded, so n is
-    # an integer the script accepted.
-    first, stride = (8, 4) if call.name == "append" else (6, 3)
+    # append: n at ARGV[8], then (id, tokens, is-system, body, digest) from ARGV[9];
+    # create: n at ARGV[6], then (id, tokens, body, digest) from ARGV[7]. The call succeeded,
+    # so n is an integer the script accepted.
+    first, stride = (8, 5) if call.name == "append" else (6, 4)
     n = lua_tonumber(call.argv[first - 1])
     assert n is not None
     slots = [
-        (as_bytes(call.argv[i + stride - 1]), lua_tonumber(call.argv[i + 1]))
+        (as_bytes(call.argv[i + stride - 2]), lua_tonumber(call.argv[i + 1]))
         for i in range(first, first + stride * int(n), stride)
     ]
     total = 0.0
@@ -1236,22 +1248,20 @@ SWEEP_VALUES = (
 def template_argvs(name: str, sid: str, channel: str) -> list[list[Any]]:
     """Well-formed ARGV of ``name`` for ``sid`` (several where the script branches)."""
     body = json.dumps({"tokens": 500, "role": "user", "content": "sweep", "id": "w1"})
-    if name == "append":  # 500 tokens: flags an idle session (ZADD of "now")
+    if name == "append":  # 500 tokens: flags an idle session (ZADD of the server's now)
         return [
-            [1_700_000_000_000, sid, channel, create, 100, 0, 0, 1, "w1", 500, 0, body]
-            for create in (0, 1)
+            [100, sid, channel, create, 100, 0, 0, 1, "w1", 500, 0, body, "d1"] for create in (0, 1)
         ]
     if name == "create":
         sys_body = json.dumps({"tokens": 5, "role": "system", "content": "x", "id": "w1"})
         return [
-            [1_700_000_000_000, sid, 100, ttl, 0, 1, "w1", 5, sys_body, "a", "1"]
-            for ttl in (0, 5000)
+            ["token-1", sid, 100, ttl, 0, 1, "w1", 5, sys_body, "d1", "a", "1"] for ttl in (0, 5000)
         ]
     others: dict[str, list[list[Any]]] = {
         "read": [[sid, 50, 3, 2]],
         "state": [[sid, 1]],
-        "update_context": [[1_700_000_000_000, sid, 0, "k", "1"]],
-        "delete": [[sid]],
+        "update_context": [[sid, 0, "k", "1"]],
+        "delete": [[sid, "token-1", 60_000]],
         "claim": [[sid, 60_000, "new-token"]],
         "heartbeat": [[sid, LEASE, 60_000]],
         "release": [[sid, LEASE, out, 10, 5, "note", 3] for out in ("retry", "requeue", "idle")],
@@ -1500,18 +1510,23 @@ def try_raw(r: redis.Redis, name: str, keys: list[str], args: list[Any]) -> tupl
         ("release", "s3", ["s3", LEASE, "idle", 0, 5]),
         # release.lua with delay "nan": ZADD of a NaN score fails after the lease was dropped
         ("release", "s3", ["s3", LEASE, "retry", "nan", 5, "note"]),
-        # append.lua with now "nan" on a flagging append: ZADD NaN fails after RPUSH / SADD
-        ("append", "ghost", ["nan", "ghost", "ch", 1, 1, 0, 0, 1, "m9", 5, 0, '{"tokens":5}']),
+        # append.lua with id window "nan" on a flagging append (was: now "nan", whose ZADD
+        # failed after RPUSH / SADD)
+        ("append", "ghost", ["nan", "ghost", "ch", 1, 1, 0, 0, 1, "m9", 5, 0, '{"tokens":5}', "d"]),
         # append.lua creating with TTL 1e300: PEXPIRE fails after the session was written
-        ("append", "ghost", [1, "ghost", "ch", 1, 100, "1e300", 0, 1, "m9", 1, 0, '{"tokens":1}']),
+        (
+            "append",
+            "ghost",
+            [1, "ghost", "ch", 1, 100, "1e300", 0, 1, "m9", 1, 0, '{"tokens":1}', "d"],
+        ),
         # create.lua with TTL 1e300: the same, after HSET
-        ("create", "ghost", [1, "ghost", 100, "1e300", 0, 0]),
+        ("create", "ghost", ["t", "ghost", 100, "1e300", 0, 0]),
     ],
     ids=[
         "delete-no-argv",
         "release-no-note",
         "release-nan-delay",
-        "append-nan-now",
+        "append-nan-window",
         "append-huge-ttl",
         "create-huge-ttl",
     ],

@@ -62,10 +62,12 @@ from convstate.errors import (
     BudgetTooSmallError,
     InvalidLimitError,
     LeaseLostError,
+    MessageIdConflictError,
     SessionExistsError,
     SessionFullError,
     SessionNotFoundError,
 )
+from convstate.operations import DEFAULT_ID_WINDOW
 from convstate.planner import CompactionPolicy, Uncompactable, plan_compaction
 from convstate.summarizers import Summary, SummaryRequest
 from tests.servers import RedisServer
@@ -169,7 +171,9 @@ class SessionModel:
     limit: int
     records: list[Rec] = field(default_factory=list)
     head_count: int = 0
-    ids: set[str] = field(default_factory=set)
+    #: The idempotency window: id -> what makes a message "the same" (see :func:`same_key`),
+    #: oldest first; a summary's id maps to "summary".
+    ids: dict[str, str] = field(default_factory=dict)
     state: str = "idle"
     epoch: int = 0
     attempts: int = 0
@@ -182,6 +186,19 @@ class SessionModel:
     @property
     def tokens(self) -> int:
         return sum(r.tokens for r in self.records)
+
+    def remember(self, mid: str, key: str) -> None:
+        self.ids[mid] = key
+
+    def prune_ids(self, batch: int) -> None:
+        """Keep the newest ``max(DEFAULT_ID_WINDOW, batch)`` ids, as an append does."""
+        for mid in list(self.ids)[: max(0, len(self.ids) - max(DEFAULT_ID_WINDOW, batch))]:
+            del self.ids[mid]
+
+
+def same_key(message: Mapping[str, Any]) -> str:
+    """Two sends are the same message when every field but the id matches."""
+    return json.dumps({k: v for k, v in message.items() if k != "id"}, sort_keys=True)
 
 
 def expected_context(model: SessionModel, budget: int | None) -> list[dict[str, Any]] | None:
@@ -427,7 +444,7 @@ class SessionMachine(RuleBasedStateMachine):
         model = SessionModel(limit=effective, context=dict(context))
         for m in systems:
             model.records.append(Rec(m["id"], COUNTER.count_message(m), "system", m["content"]))
-            model.ids.add(m["id"])
+            model.remember(m["id"], same_key(m))
         model.head_count = model.appended = len(systems)
         self.sessions[sid] = model
         self.sent[sid].extend(systems)
@@ -451,12 +468,21 @@ class SessionMachine(RuleBasedStateMachine):
             return
         base = model if model is not None else SessionModel(limit=DEFAULT_LIMIT)
         placeholder = [m.get("id") or f"generated-{i}" for i, m in enumerate(messages)]
-        seen = set(base.ids)
+        seen = dict(base.ids)
         fresh: list[int] = []
+        conflict = False
         for i, mid in enumerate(placeholder):
+            key = same_key(messages[i])
             if mid not in seen:
-                seen.add(mid)
+                seen[mid] = key
                 fresh.append(i)
+            elif seen[mid] != key:
+                conflict = True
+        if conflict:  # checked before anything else: nothing is written
+            with pytest.raises(MessageIdConflictError):
+                self._do_append(sid, messages, batch, create)
+            event("append: id conflict")
+            return
         if len(base.records) + len(fresh) > MAX_MESSAGES:
             with pytest.raises(SessionFullError):
                 self._do_append(sid, messages, batch, create)
@@ -487,10 +513,11 @@ class SessionMachine(RuleBasedStateMachine):
                     tool_call_id=m.get("tool_call_id"),
                 )
             )
-            model.ids.add(mid)
+            model.remember(mid, same_key(m))
             if "id" in m:
                 self.sent[sid].append(m)
         model.appended += len(fresh)
+        model.prune_ids(len(fresh))
         flagged = (
             model.tokens > model.limit
             and model.tokens > model.reflag_above
@@ -660,7 +687,7 @@ class SessionMachine(RuleBasedStateMachine):
         )
         model.records = [*system, summary, *model.records[plan.fold_end :]]
         model.head_count = len(system) + 1
-        model.ids.add(summary_id)
+        model.remember(summary_id, "summary")
         model.epoch += 1
         model.reflag_above = 0
         model.state = "queued" if model.tokens > model.limit else "idle"
@@ -768,7 +795,7 @@ class SessionMachine(RuleBasedStateMachine):
             pipe = self.r.pipeline(transaction=True)
             pipe.lrange(keys.msgs, 0, -1)
             pipe.hgetall(keys.meta)
-            pipe.smembers(keys.ids)
+            pipe.hkeys(keys.ids)
             pipe.zscore(keys.queue, sid)
             pipe.zscore(keys.running, sid)
             pipe.zscore(keys.dead, sid)
@@ -777,7 +804,7 @@ class SessionMachine(RuleBasedStateMachine):
             if model is None:
                 assert flat == {}
                 assert raw == []
-                assert ids == set()
+                assert ids == []
                 assert (queued, running, dead) == (None, None, None)
                 continue
             records = [json.loads(item) for item in raw]
@@ -796,7 +823,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert int(meta.get("appended", 0)) == model.appended
             assert int(meta.get("reflag_above", 0)) == model.reflag_above
             assert meta.get("lease") == model.lease
-            assert {text(i) for i in ids} == model.ids
+            assert {text(i) for i in ids} == set(model.ids)
             assert (queued is not None) == (model.state == "queued")
             assert (running is not None) == (model.state == "running")
             assert (dead is not None) == (model.state == "dead")

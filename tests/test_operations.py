@@ -182,9 +182,10 @@ def test_append_op_arguments() -> None:
     )
     k = KeySchema("cs", 16).session("s")
     assert op.script == "append"
-    assert op.keys == [k.msgs, k.meta, k.ids, k.queue]
-    assert op.args[:8] == [1234, "s", "cs:wake", 1, 100, 60000, 5, 1]
+    assert op.keys == [k.msgs, k.meta, k.ids, k.queue, k.idlog, k.archive]
+    assert op.args[:8] == [100, "s", "cs:wake", 1, 100, 60000, 5, 1]  # ARGV[1]: id window
     assert op.args[8:11] == ["i1", 5, 0]
+    assert len(op.args) == 13  # then the JSON and the digest
     result = op.decode([5, 1, 1, 1, b"queued"])
     assert (result.token_count, result.flagged, result.state, result.duplicates) == (
         5,

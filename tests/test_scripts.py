@@ -7,7 +7,6 @@ provokes (CS_BADARG), and through the sync client elsewhere.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,12 +52,17 @@ def raw(client: redis.Redis, name: str, keys: list[str], args: list[Any]) -> Any
     return client.register_script(script_source(name))(keys=keys, args=args)
 
 
+def append_keys(k: Any) -> list[str]:
+    return [k.msgs, k.meta, k.ids, k.queue, k.idlog, k.archive]
+
+
 def snapshot(client: redis.Redis, store: ConversationStore, sid: str) -> dict[str, Any]:
     k = store.schema.session(sid)
     return {
         "msgs": client.lrange(k.msgs, 0, -1),
         "meta": client.hgetall(k.meta),
-        "ids": client.smembers(k.ids),
+        "ids": client.hgetall(k.ids),
+        "idlog": client.lrange(k.idlog, 0, -1),
         "queue": client.zrange(k.queue, 0, -1, withscores=True),
     }
 
@@ -180,10 +184,10 @@ def test_append_refreshes_ttl_of_every_session_key(client: redis.Redis, prefix: 
     store = ConversationStore(client, token_limit=1000, encoding=ENC, prefix=prefix, ttl=100)
     store.create_session("s1", system="be brief")
     k = store.schema.session("s1")
-    for key in (k.msgs, k.meta, k.ids):
+    for key in (k.msgs, k.meta, k.ids, k.idlog):
         client.pexpire(key, 5000)
     store.append("s1", user("hi"))
-    for key in (k.msgs, k.meta, k.ids):
+    for key in (k.msgs, k.meta, k.ids, k.idlog):
         assert 95_000 < client.pttl(key) <= 100_000, key
 
 
@@ -206,7 +210,9 @@ def test_append_counts_leading_system_messages_as_head(store: ConversationStore)
     [
         (lambda a: a.__setitem__(7, "x"), "header"),  # n not a number
         (lambda a: a.__setitem__(7, "2"), "header"),  # n does not match ARGV length
-        (lambda a: a.__setitem__(0, "soon"), "header"),  # now not a number
+        (lambda a: a.__setitem__(0, "many"), "header"),  # id window not a number
+        (lambda a: a.__setitem__(0, "0"), "header"),  # id window below 1
+        (lambda a: a.__setitem__(12, ""), "message"),  # empty digest
         (lambda a: a.__setitem__(9, "-5"), "message"),  # negative tokens
         (lambda a: a.__setitem__(9, "1.5"), "message"),  # fractional tokens
         (lambda a: a.__setitem__(8, ""), "message"),  # empty id
@@ -220,7 +226,7 @@ def test_append_malformed_argv_is_cs_badarg_and_writes_nothing(
     store.create_session("s1")
     k = store.schema.session("s1")
     args: list[Any] = [
-        int(time.time() * 1000),
+        100,
         "s1",
         store.schema.wake_channel,
         0,
@@ -232,11 +238,12 @@ def test_append_malformed_argv_is_cs_badarg_and_writes_nothing(
         5,
         0,
         json.dumps(user("x")),
+        "d1",
     ]
     mutate(args)
     before = snapshot(client, store, "s1")
     with pytest.raises(redis.ResponseError, match=f"CS_BADARG append: malformed {what}"):
-        raw(client, "append", [k.msgs, k.meta, k.ids, k.queue], args)
+        raw(client, "append", append_keys(k), args)
     assert snapshot(client, store, "s1") == before
 
 
@@ -244,10 +251,10 @@ def test_append_create_with_malformed_limit_is_cs_badarg(
     client: redis.Redis, store: ConversationStore
 ) -> None:
     k = store.schema.session("s2")
-    args = [1, "s2", "ch", 1, 0, 0, 0, 1, "id1", 5, 0, json.dumps(user("x"))]
+    args = [1, "s2", "ch", 1, 0, 0, 0, 1, "id1", 5, 0, json.dumps(user("x")), "d1"]
     with pytest.raises(redis.ResponseError, match="CS_BADARG append: malformed create"):
-        raw(client, "append", [k.msgs, k.meta, k.ids, k.queue], args)
-    assert client.exists(k.msgs, k.meta, k.ids) == 0
+        raw(client, "append", append_keys(k), args)
+    assert client.exists(k.msgs, k.meta, k.ids, k.idlog) == 0
 
 
 def test_client_maps_cs_badarg_to_script_error(
@@ -293,21 +300,24 @@ def test_create_clears_leftovers_of_an_expired_session(
 ) -> None:
     k = store.schema.session("s1")
     client.rpush(k.msgs, json.dumps(user("stale")))
-    client.sadd(k.ids, "old")
+    client.hset(k.ids, "old", "digest")
+    client.rpush(k.idlog, "old")
+    client.rpush(k.archive, json.dumps(user("archived stale")))
     store.create_session("s1")
     assert store.get_messages("s1") == []
-    assert client.smembers(k.ids) == set()
+    assert client.exists(k.ids, k.idlog, k.archive) == 0
 
 
 @pytest.mark.parametrize(
     "args",
     [
-        ["x", "s", 100, 0, 0, 0],  # now
+        ["", "s", 100, 0, 0, 0],  # creation token
         [1, "s", 0, 0, 0, 0],  # limit
         [1, "s", 100, -1, 0, 0],  # ttl
         [1, "s", 100, 0, 2, 0],  # exist_ok flag
         [1, "s", 100, 0, 0, 1],  # n=1 but no message
-        [1, "s", 100, 0, 0, 1, "id", "x", "{}"],  # tokens
+        [1, "s", 100, 0, 0, 1, "id", "x", "{}", "d"],  # tokens
+        [1, "s", 100, 0, 0, 1, "id", "1", "{}", ""],  # digest
         [1, "s", 100, 0, 0, 0, "field"],  # odd context pairs
         [1, "s", 100, 0, 0, 0, "", "1"],  # empty context field
     ],
@@ -317,8 +327,8 @@ def test_create_malformed_argv_is_cs_badarg(
 ) -> None:
     k = store.schema.session("s")
     with pytest.raises(redis.ResponseError, match="CS_BADARG create"):
-        raw(client, "create", [k.msgs, k.meta, k.ids], args)
-    assert client.exists(k.msgs, k.meta, k.ids) == 0
+        raw(client, "create", [k.msgs, k.meta, k.ids, k.idlog, k.archive], args)
+    assert client.exists(k.msgs, k.meta, k.ids, k.idlog) == 0
 
 
 # -- read --------------------------------------------------------------------------------------
@@ -469,9 +479,9 @@ def test_update_context_missing_session_and_bad_argv(
     assert not store.exists("nope")
     store.create_session("s1")
     k = store.schema.session("s1")
-    for args in ([1, "s1", 0, "odd"], [1, "s1", 2], ["x", "s1", 0], [1, "s1", 0, "", "1"]):
+    for args in (["s1", 0, "odd"], ["s1", 2], ["s1", 0, "", "1"]):
         with pytest.raises(redis.ResponseError, match="CS_BADARG update_context"):
-            raw(client, "update_context", [k.msgs, k.meta, k.ids], args)
+            raw(client, "update_context", [k.msgs, k.meta, k.ids, k.idlog, k.archive], args)
     assert store.get_state("s1").context == {}
 
 
@@ -487,7 +497,7 @@ def test_delete_removes_keys_and_queue_entries(
     client.zadd(k.running, {"s1": 1})
     client.rpush(k.archive, "x")
     assert store.delete_session("s1") is True
-    assert client.exists(k.msgs, k.meta, k.ids, k.archive) == 0
+    assert client.exists(k.msgs, k.meta, k.ids, k.idlog, k.archive) == 0
     assert client.zscore(k.queue, "s1") is None
     assert client.zscore(k.running, "s1") is None
     assert store.delete_session("s1") is False

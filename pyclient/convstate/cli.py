@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -269,8 +270,31 @@ def _admin(
         client.close()
 
 
+#: Characters a terminal may act on: C0 controls (ESC starts OSC title / OSC 52 clipboard /
+#: clear-screen sequences, CR rewrites the line), DEL, C1 controls (8-bit CSI and OSC), and the
+#: bidirectional overrides that reorder what is shown.
+_TERMINAL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: What json.dumps leaves unescaped of them.
+_JSON_UNESCAPED_CONTROL = re.compile(r"[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def printable(text: object) -> str:
+    """``text`` for a terminal: newlines and tabs as spaces, every other control character
+    escaped (``\\x1b``), so stored content cannot move the cursor, retitle the window, clear
+    the screen or write the clipboard of whoever inspects it."""
+    return _TERMINAL_CONTROL.sub(_escaped, str(text).replace("\n", " ").replace("\t", " "))
+
+
 def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str, ensure_ascii=False))
+    # json.dumps escapes C0 controls; the rest of _TERMINAL_CONTROL is escaped as \uXXXX
+    # (only strings can hold them, so the JSON stays valid and decodes to the same text).
+    text = json.dumps(value, indent=2, default=str, ensure_ascii=False)
+    click.echo(_JSON_UNESCAPED_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
 
 
 #: Meta fields (``SessionMeta.extra``) that hold a time in ms since the epoch.
@@ -355,7 +379,7 @@ def inspect(session_id: str, last: int | None, archive: bool, as_json: bool, **c
     m = state.meta
     now = time.time()
     click.echo(
-        f"session {session_id}: {m.state}, {m.token_count}/{m.token_limit} tokens, "
+        f"session {printable(session_id)}: {m.state}, {m.token_count}/{m.token_limit} tokens, "
         f"{m.message_count} messages, epoch {m.epoch}, attempts {m.attempts}"
     )
     click.echo(f"  created_at: {_human_ms(int(m.created_at.timestamp() * 1000), now)}")
@@ -368,13 +392,13 @@ def inspect(session_id: str, last: int | None, archive: bool, as_json: bool, **c
             click.echo(f"  {key}: {_human_ms(int(value), now)}")
     for key in _META_NUMBERS:
         if key in m.extra:
-            click.echo(f"  {key}: {m.extra[key]}")
+            click.echo(f"  {key}: {printable(m.extra[key])}")
     if m.last_error:
-        click.echo(f"  last_error: {m.last_error}")
+        click.echo(f"  last_error: {printable(m.last_error)}")
     if state.context:
         click.echo("  context:")
         for key, value in state.context.items():
-            click.echo(f"    {key}: {json.dumps(value, ensure_ascii=False)}")
+            click.echo(f"    {printable(key)}: {printable(json.dumps(value, ensure_ascii=False))}")
     else:
         click.echo("  context: (none)")
     archived = sum(1 for r in records if r.get("archived"))
@@ -386,11 +410,12 @@ def inspect(session_id: str, last: int | None, archive: bool, as_json: bool, **c
     click.echo(what)
     first = len(records) - len(shown)
     for i, msg in enumerate(shown, start=first):
-        mark = "SUMMARY" if msg.get("kind") == "summary" else str(msg.get("role", "?"))
+        mark = "SUMMARY" if msg.get("kind") == "summary" else printable(msg.get("role", "?"))
         if msg.get("archived"):
             mark = f"{mark}*"
-        text = str(msg.get("content") or msg.get("tool_calls") or "").replace("\n", " ")
-        click.echo(f"{i:>5} {mark:<10} {msg.get('tokens', 0):>6} {text[:100]}")
+        text = printable(msg.get("content") or msg.get("tool_calls") or "")
+        tokens = printable(msg.get("tokens", 0))
+        click.echo(f"{i:>5} {mark:<10} {tokens:>6} {text[:100]}")
     if archive and archived:
         click.echo("(* archived: folded into a summary by compaction, kept by --archive)")
 

@@ -32,6 +32,7 @@ from convstate.errors import ConfigurationError, ConvstateError, from_script_err
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.models import AppendResult, SessionState, Turn
 from convstate.operations import (
+    DEFAULT_ID_WINDOW,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_READ_CHUNK,
     Op,
@@ -193,6 +194,7 @@ class _StoreBase(Generic[C]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_messages: int = 0,
         read_chunk: int = DEFAULT_READ_CHUNK,
+        id_window: int = DEFAULT_ID_WINDOW,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 100,
         owns_client: bool = False,
@@ -224,6 +226,7 @@ class _StoreBase(Generic[C]):
             max_message_bytes=max_message_bytes,
             max_messages=max_messages,
             read_chunk=read_chunk,
+            id_window=id_window,
         )
         self.counter = _make_counter(model, encoding, counter)
         self.ops = Operations(self.schema, self.counter, self.config)
@@ -274,6 +277,8 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         max_message_bytes: largest accepted message JSON.
         max_messages: most messages one session may hold (0 = no limit).
         read_chunk: messages fetched per step when a read walks back from the newest.
+        id_window: the idempotency window: a retry of any of a session's last ``id_window``
+            appended messages (default 100) is dropped; the session keeps no more ids.
         wait_replicas: after each append, WAIT until this many replicas acknowledged it (or
             ``wait_timeout_ms`` passed); :attr:`AppendResult.replicas` says how many did.
             Bounds what an asynchronous failover can lose. 0 (default): no WAIT.
@@ -306,6 +311,7 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_messages: int = 0,
         read_chunk: int = DEFAULT_READ_CHUNK,
+        id_window: int = DEFAULT_ID_WINDOW,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 100,
         cluster: bool = False,
@@ -332,6 +338,7 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
             max_message_bytes=max_message_bytes,
             max_messages=max_messages,
             read_chunk=read_chunk,
+            id_window=id_window,
             wait_replicas=wait_replicas,
             wait_timeout_ms=wait_timeout_ms,
             owns_client=True,
@@ -489,7 +496,10 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         """Create a session, with its system message(s), limit and initial context.
 
         Raises :class:`~convstate.errors.SessionExistsError` if it exists, unless ``exist_ok``
-        (then the existing session's state is returned and nothing changes).
+        (then the existing session's state is returned and nothing changes). A retry of this
+        call (redis-py resends a command that timed out) recognises the session its first
+        attempt created and returns it. Leftovers of an expired session with the same id (its
+        id hash or archive) are deleted: a new session starts clean.
         """
         op = self.ops.create(
             session_id, system=system, token_limit=token_limit, context=context, exist_ok=exist_ok
@@ -501,9 +511,13 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
     ) -> AppendResult:
         """Append one OpenAI-style message; count its tokens; flag the session if over limit.
 
-        An ``id`` is generated when the message has none; a message whose id is already stored
-        is dropped (so retries never store twice). ``create=True`` creates a missing session
-        with the store's defaults; otherwise a missing session raises
+        An ``id`` is generated when the message has none. A message whose id is stored with the
+        same content (within the idempotency window, ``id_window``) is dropped, so retries never
+        store twice; a *different* message with a stored id raises
+        :class:`~convstate.errors.MessageIdConflictError` and nothing is written. A message
+        nested more than :data:`~convstate.operations.MAX_NESTING_DEPTH` deep raises
+        :class:`~convstate.errors.InvalidMessageError`. ``create=True`` creates a missing
+        session with the store's defaults; otherwise a missing session raises
         :class:`~convstate.errors.SessionNotFoundError`.
         """
         return await self._run(self.ops.append(session_id, [message], create=create))
@@ -591,7 +605,9 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         return await self._run(self.ops.update_context(session_id, mapping, replace=replace))
 
     async def delete_session(self, session_id: str) -> bool:
-        """Delete a session and take it off the compaction queues. True if it existed."""
+        """Delete a session and take it off the compaction queues. True if it existed; a
+        retry of this call within a minute (its reply was lost) also answers True, and
+        deletes nothing created since."""
         return await self._run(self.ops.delete(session_id))
 
     async def exists(self, session_id: str) -> bool:
@@ -642,6 +658,7 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_messages: int = 0,
         read_chunk: int = DEFAULT_READ_CHUNK,
+        id_window: int = DEFAULT_ID_WINDOW,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 100,
         cluster: bool = False,
@@ -667,6 +684,7 @@ class ConversationStore(_StoreBase["redis.Redis"]):
             max_message_bytes=max_message_bytes,
             max_messages=max_messages,
             read_chunk=read_chunk,
+            id_window=id_window,
             wait_replicas=wait_replicas,
             wait_timeout_ms=wait_timeout_ms,
             owns_client=True,

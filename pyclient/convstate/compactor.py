@@ -55,10 +55,12 @@ from redis.exceptions import (
 from convstate.errors import (
     ConfigurationError,
     LeaseLostError,
+    RecordDecodeError,
     ValidationError,
     from_script_error,
 )
 from convstate.keys import KeySchema, SessionKeys
+from convstate.operations import check_nesting, decode_record
 from convstate.planner import (
     REFLAG_SHARE,
     CompactionPlan,
@@ -106,7 +108,9 @@ class CompactorConfig:
         backoff_base_ms / backoff_max_ms: retry delay ``base * 2**(attempt-1)``, capped.
         swap_retries: WatchError retries of the swap (the summary is never redone).
         archive: keep the folded originals in the session's archive list.
-        archive_ttl: expiry of the archive list in seconds (None: the session's TTL, or none).
+        archive_ttl: keep the archive list at least this many seconds after a compaction. An
+            archive never expires before its session: it gets the session's TTL (refreshed by
+            every write of the session) when that is longer. None: the session's TTL, or none.
         policy: what to fold and what to keep (:class:`~convstate.planner.CompactionPolicy`).
     """
 
@@ -324,11 +328,15 @@ class Compactor:
         )
 
     async def reap(self, shard: int, *, limit: int = 100) -> list[tuple[str, str]]:
-        """Send sessions of ``shard`` whose lease expired back to the queue (or dead-letter)."""
+        """Send sessions of ``shard`` whose lease expired back to the queue (or dead-letter).
+
+        Whether a lease expired is decided by the reap script on the server's clock, never
+        this host's: the candidates are the running sessions in deadline order, up to the
+        first whose lease has not expired."""
         running = self.schema.running(shard)
-        expired = await self.redis.zrangebyscore(running, "-inf", _now_ms(), start=0, num=limit)
+        candidates = await self.redis.zrange(running, 0, limit - 1)
         reaped: list[tuple[str, str]] = []
-        for raw in expired:
+        for raw in candidates:
             sid = _text(raw)
             keys = self.schema.session(sid)
             reply = await self._script(
@@ -343,6 +351,8 @@ class Compactor:
                 else:
                     log.warning("lease of session %r expired; it is now %s", sid, state)
                 reaped.append((sid, state))
+            elif int(reply[0]) == 0:
+                break  # not expired: neither are the later deadlines
         return reaped
 
     async def peek(self, shard: int) -> ShardStatus:
@@ -379,15 +389,25 @@ class Compactor:
     def _decode_and_plan(
         raw: Sequence[Any], head_count: int, limit: int, policy: CompactionPolicy
     ) -> CompactionPlan | Uncompactable:
-        """Decode the snapshot's records and plan (CPU only: run in a worker thread)."""
-        records = [json.loads(item) for item in raw]
+        """Decode the snapshot's records and plan (CPU only: run in a worker thread). A record
+        stored by an older convstate may nest too deeply for the decoder (RecordDecodeError) or
+        for what plans, counts and summarizes it (InvalidMessageError): typed, never a
+        RecursionError."""
+        records = []
+        for item in raw:
+            record = decode_record(item)
+            check_nesting(record, "a stored record")
+            records.append(record)
         return plan_compaction(records, head_count, limit, policy)
 
     async def _prepare(
         self, claim: Claim
-    ) -> tuple[dict[str, str], CompactionPlan | Uncompactable | ValidationError | None]:
+    ) -> tuple[
+        dict[str, str],
+        CompactionPlan | Uncompactable | ValidationError | RecordDecodeError | None,
+    ]:
         """Snapshot and plan; the plan is None when the session is gone or no longer ours,
-        the ValidationError when its stored records cannot be planned."""
+        the error when its stored records cannot be decoded or planned."""
         meta, raw = await self._snapshot(claim)
         if not meta or meta.get("lease") != claim.token:
             return meta, None
@@ -400,7 +420,7 @@ class Compactor:
             policy = replace(policy, target_ratio=min(policy.target_ratio, 1 / (limit + 1)))
         try:
             plan = await asyncio.to_thread(self._decode_and_plan, raw, head_count, limit, policy)
-        except ValidationError as exc:
+        except (ValidationError, RecordDecodeError) as exc:
             return meta, exc
         return meta, plan
 
@@ -417,7 +437,7 @@ class Compactor:
         if plan is None:
             return Outcome(sid, "lost", note="lease taken over before the snapshot")
         tokens_before = int(meta.get("token_count", 0))
-        if isinstance(plan, ValidationError):  # corrupt stored records: retry, then dead-letter
+        if isinstance(plan, (ValidationError, RecordDecodeError)):  # retry, then dead-letter
             exc = plan
             log.error("session %r cannot be planned: %s", sid, exc)
             state = await self.release(claim, "retry", f"invalid history: {exc}")
@@ -655,11 +675,14 @@ class Compactor:
         # Still over the limit, or one step of a longer fold short of the target: queue again.
         target = math.floor(self.config.policy.target_ratio * int(limit or 0))
         over = new_tokens > int(limit or 0) or (plan.partial and new_tokens > target)
-        now = _now_ms()
+        seconds, micros = await pipe.time()  # the server's clock: it orders the queue
+        now = int(seconds) * 1000 + int(micros) // 1000
         pipe.multi()
         pipe.ltrim(keys.msgs, plan.fold_end, -1)
         pipe.lpush(keys.msgs, *reversed(new_head))
-        pipe.sadd(keys.ids, record["id"])
+        # The summary's id is taken (no digest: any message sent with it conflicts).
+        pipe.hset(keys.ids, record["id"], "summary")
+        pipe.rpush(keys.idlog, record["id"])
         pipe.hset(
             keys.meta,
             mapping={
@@ -683,11 +706,12 @@ class Compactor:
                 keys.archive,
                 *(json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in plan.folded),
             )
-            archive_ttl = self.config.archive_ttl or (int(ttl) // 1000 if ttl else 0)
-            if archive_ttl:
-                pipe.expire(keys.archive, archive_ttl)
+            # At least as long as the session (whose every write extends it too), or longer.
+            archive_ms = max(int(ttl or 0), (self.config.archive_ttl or 0) * 1000)
+            if archive_ms:
+                pipe.pexpire(keys.archive, archive_ms)
         if ttl and int(ttl) > 0:
-            for key in (keys.msgs, keys.meta, keys.ids):
+            for key in (keys.msgs, keys.meta, keys.ids, keys.idlog):
                 pipe.pexpire(key, int(ttl))
         await pipe.execute()
         return "compacted", new_tokens, over

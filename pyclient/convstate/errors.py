@@ -88,6 +88,12 @@ class MessageTooLargeError(InvalidMessageError):
     """A message's JSON is larger than the configured maximum."""
 
 
+class MessageIdConflictError(InvalidMessageError):
+    """A message reuses the id of a different message stored in the session (within the
+    idempotency window). Sending the same message again is not an error (it is dropped as a
+    retry); a different message needs its own id."""
+
+
 class InvalidContextError(ValidationError):
     """A session context (``update_context``, ``create_session(context=...)``) is malformed:
     not a mapping, a bad field name, or a value that is not JSON or not valid Unicode."""
@@ -128,6 +134,11 @@ class SessionFullError(SessionError):
     """The session holds the maximum number of messages allowed."""
 
 
+class RecordDecodeError(SessionError):
+    """A stored record cannot be decoded (e.g. nested deeper than the JSON decoder follows;
+    convstate >= 0.2 refuses such messages when they are appended, older versions did not)."""
+
+
 class LeaseLostError(SessionError):
     """A compaction lease expired or was taken over; the holder must not write."""
 
@@ -141,6 +152,7 @@ SCRIPT_ERROR_CODES: dict[str, type[ConvstateError]] = {
     "CS_NOSESSION": SessionNotFoundError,
     "CS_EXISTS": SessionExistsError,
     "CS_FULL": SessionFullError,
+    "CS_IDCONFLICT": MessageIdConflictError,
     "CS_LEASE": LeaseLostError,
     "CS_BADARG": ScriptError,
 }

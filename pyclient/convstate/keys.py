@@ -4,7 +4,9 @@
 
     <prefix>:{<shard>}:s:<session_id>:msgs     LIST  message JSON, oldest first
     <prefix>:{<shard>}:s:<session_id>:meta     HASH  totals, limit, state, lease, context
-    <prefix>:{<shard>}:s:<session_id>:ids      SET   ids of stored messages (idempotency)
+    <prefix>:{<shard>}:s:<session_id>:ids      HASH  message id -> record digest (idempotency)
+    <prefix>:{<shard>}:s:<session_id>:idlog    LIST  the ids of :ids, oldest first (its bound)
+    <prefix>:{<shard>}:s:<session_id>:deleted  STRING  the token of a delete, for ~60 s (retries)
     <prefix>:{<shard>}:s:<session_id>:archive  LIST  folded originals (optional)
     <prefix>:{<shard>}:q                       ZSET  flagged sessions (score = flagged-at ms)
     <prefix>:{<shard>}:run                     ZSET  sessions being compacted (lease deadline)
@@ -72,6 +74,8 @@ class SessionKeys:
     meta: str
     ids: str
     archive: str
+    idlog: str
+    deleted: str
     queue: str
     running: str
     dead: str
@@ -150,6 +154,8 @@ def _session_keys(prefix: str, shards: int, session_id: str) -> SessionKeys:
         meta=f"{base}:meta",
         ids=f"{base}:ids",
         archive=f"{base}:archive",
+        idlog=f"{base}:idlog",
+        deleted=f"{base}:deleted",
         queue=f"{tag}:q",
         running=f"{tag}:run",
         dead=f"{tag}:dead",

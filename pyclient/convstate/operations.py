@@ -8,6 +8,7 @@ unit-tested without Redis and shared by both clients.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -25,6 +26,7 @@ from convstate.errors import (
     InvalidLimitError,
     InvalidMessageError,
     MessageTooLargeError,
+    RecordDecodeError,
     SessionFullError,
     SessionNotFoundError,
     ShardCountMismatchError,
@@ -63,6 +65,21 @@ MAX_INTEGER = 2**53 - 1
 #: Longest accepted TTL, in seconds: its milliseconds must stay within :data:`MAX_INTEGER`.
 MAX_TTL = MAX_INTEGER // 1000
 
+#: Deepest nesting of lists and objects accepted in a message (the message object itself is
+#: depth 1) or in a context value. Checked without recursion before anything is encoded, so
+#: the answer never depends on the caller's stack depth; every reader (Python's JSON decoder,
+#: the scripts' cjson, the daemon) follows records this deep with room to spare.
+MAX_NESTING_DEPTH = 100
+
+#: Default idempotency window: the ids of a session's last ``id_window`` appended messages
+#: (and of the whole current batch) are kept, so a retry of any of them is recognised; older
+#: ids are pruned by the append that pushes them out. Bounds the id hash per session.
+DEFAULT_ID_WINDOW = 100
+
+#: How long, in milliseconds, a delete remembers its token so that a retry of the same
+#: ``delete_session`` call (its reply was lost) still answers True.
+DELETE_RETRY_WINDOW_MS = 60_000
+
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
 DEFAULT_READ_CHUNK = 32
 
@@ -74,6 +91,42 @@ def now_ms() -> int:
 def new_message_id() -> str:
     """A random, unique message id (the idempotency key of an append): 128 random bits."""
     return os.urandom(16).hex()
+
+
+def new_token() -> str:
+    """A random token that makes one create or delete call recognisable in its retries."""
+    return os.urandom(16).hex()
+
+
+def check_nesting(
+    value: object, what: str, error: type[ValidationError] = InvalidMessageError
+) -> None:
+    """Raise ``error`` if ``value`` nests lists/tuples/dicts deeper than
+    :data:`MAX_NESTING_DEPTH` (``value`` itself is depth 1). Iterative: the caller's stack depth
+    does not matter, and a self-referencing value ends at the limit too."""
+    if not isinstance(value, (dict, list, tuple)):
+        return
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, (dict, list, tuple)):
+                if depth >= MAX_NESTING_DEPTH:
+                    raise error(
+                        f"{what} nests lists and objects more than {MAX_NESTING_DEPTH} deep; "
+                        f"flatten it (e.g. store deep data as a JSON string)"
+                    )
+                stack.append((child, depth + 1))
+
+
+def record_too_deep() -> RecordDecodeError:
+    """The error of a stored record (or context value) too deeply nested to decode."""
+    return RecordDecodeError(
+        f"a stored record or context value nests deeper than the JSON decoder can follow "
+        f"(convstate refuses more than {MAX_NESTING_DEPTH} levels since 0.2; this one was "
+        f"stored before): delete the session, or remove the record with redis-cli"
+    )
 
 
 def check_positive_int(value: object, what: str, maximum: int = MAX_INTEGER) -> int:
@@ -90,6 +143,11 @@ def check_positive_int(value: object, what: str, maximum: int = MAX_INTEGER) -> 
 #: ``JSONEncoder`` on every call, which costs about as much as encoding a short message;
 #: an encoder holds no state between calls, so one is shared (threads included).
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+#: The encoder of a message's digest: sorted keys, so a message rebuilt in another key order is
+#: still "the same message" to the idempotency check.
+_CANONICAL_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True
+)
 
 
 def _dumps(value: Any, what: str, error: type[ValidationError] = InvalidMessageError) -> str:
@@ -206,9 +264,12 @@ def decode_record(raw: bytes | str) -> Any:
     """One stored record -> its object (msgspec; Python's json for what msgspec refuses, e.g.
     a number over 1e308, which Python reads as inf)."""
     try:
-        return _DECODER.decode(raw)
-    except msgspec.DecodeError:
-        return json.loads(raw)
+        try:
+            return _DECODER.decode(raw)
+        except msgspec.DecodeError:
+            return json.loads(raw)
+    except RecursionError:  # never a bare RecursionError out of a read or the daemon
+        raise record_too_deep() from None
 
 
 class _ApiMessage(msgspec.Struct, omit_defaults=True):
@@ -238,11 +299,14 @@ def api_messages(records: Iterable[bytes | str]) -> list[dict[str, Any]]:
     """
     raws = list(records)
     decode = _API_DECODER.decode
-    try:  # each record on its own: a malformed one raises, as json.loads would
-        out: list[dict[str, Any]] = msgspec.to_builtins([decode(raw) for raw in raws])
-        return out
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return [to_api_message(json.loads(raw)) for raw in raws]
+    try:
+        try:  # each record on its own: a malformed one raises, as json.loads would
+            out: list[dict[str, Any]] = msgspec.to_builtins([decode(raw) for raw in raws])
+            return out
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return [to_api_message(json.loads(raw)) for raw in raws]
+    except RecursionError:  # never a bare RecursionError out of a read
+        raise record_too_deep() from None
 
 
 def budget_too_small(session_id: str, needed: int, budget: int) -> BudgetTooSmallError:
@@ -282,7 +346,7 @@ def decode_meta(fields: Mapping[str, str]) -> tuple[SessionMeta, dict[str, Any]]
     for name, value in fields.items():
         if name.startswith("ctx:"):
             if value:  # (an empty value is no field: older create scripts stored None so)
-                context[name[4:]] = json.loads(value)
+                context[name[4:]] = decode_record(value)
         elif name not in _META_INTS and name not in ("state", "last_error"):
             extra[name] = value
     ints = {name: int(fields.get(name, "0") or 0) for name in _META_INTS}
@@ -305,6 +369,7 @@ def decode_meta(fields: Mapping[str, str]) -> tuple[SessionMeta, dict[str, Any]]
 
 
 def decode_records(raw: Iterable[Any]) -> list[dict[str, Any]]:
+    """Stored records -> dicts (:func:`decode_record` each)."""
     return [decode_record(item) for item in raw]
 
 
@@ -406,6 +471,11 @@ class StoreConfig:
         max_messages: most messages a session may hold (0 = no limit), the system messages a
             session is created with included.
         read_chunk: messages fetched per LRANGE when a read walks back from the newest.
+        id_window: the idempotency window, in messages: the ids (with a digest of each record)
+            of a session's last ``id_window`` appended messages, and of the whole current
+            batch, are kept; a retry of one of them is dropped, a different message with one
+            of those ids raises :class:`~convstate.errors.MessageIdConflictError`. Older ids
+            are forgotten, which bounds the id hash of a session to ``id_window`` entries.
     """
 
     token_limit: int
@@ -413,6 +483,7 @@ class StoreConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_messages: int = 0
     read_chunk: int = DEFAULT_READ_CHUNK
+    id_window: int = DEFAULT_ID_WINDOW
 
     def __post_init__(self) -> None:
         check_positive_int(self.token_limit, "token_limit")
@@ -429,6 +500,7 @@ class StoreConfig:
                 f"{short_repr(self.max_messages)}"
             )
         check_positive_int(self.read_chunk, "read_chunk")
+        check_positive_int(self.id_window, "id_window")
 
     @property
     def ttl_ms(self) -> int:
@@ -446,6 +518,9 @@ class EncodedMessage(NamedTuple):
     tokens: int
     is_system: bool
     json: str
+    #: What makes two sends of a message "the same" for the idempotency check: a hash of its
+    #: role and fields in canonical form (sorted keys), without id, tokens, ts and kind.
+    digest: str
 
 
 @dataclass
@@ -455,6 +530,8 @@ class Operations:
     schema: KeySchema
     counter: TokenCounter
     config: StoreConfig
+    #: The ``ts`` of new records (the app's clock; it orders nothing: the scripts take every
+    #: time they compare or queue by from the server's clock).
     clock: Callable[[], int] = field(default=now_ms)
     #: ARGV[3] and ARGV[5..7] of every append (wake-up channel, token limit, TTL in ms,
     #: maximum messages): the same for every call of a store, so computed once. ``schema``
@@ -485,6 +562,7 @@ class Operations:
         once, before it is tokenized, so an oversized or non-JSON message costs no tokenizing.
         """
         msg = validate_message(message)
+        check_nesting(msg, "message")
         mid = msg.pop("id", None) or new_message_id()
         role = msg.pop("role")
         msg.pop("tokens", None)
@@ -492,6 +570,10 @@ class Operations:
         ts = msg.pop("ts", now)
         rest = _dumps(msg, "message")
         self._check_size(len(rest))
+        try:
+            canonical = _CANONICAL_ENCODER.encode(msg)
+        except TypeError:  # keys of mixed types cannot be sorted: the encoding as given
+            canonical = rest
         msg["role"] = role
         try:
             tokens = self.counter.count_message(msg)
@@ -520,7 +602,10 @@ class Operations:
         # An ASCII string's length is its UTF-8 size; other text is measured by encoding it,
         # which also rejects lone surrogates (in any field) before anything is written.
         self._check_size(len(body) if body.isascii() else _utf8_size(body, "message"))
-        return EncodedMessage(mid, tokens, role == "system", body)
+        digest = hashlib.blake2b(
+            f"{role}\n{canonical}".encode(), digest_size=8
+        ).hexdigest()  # (valid UTF-8: the size check above refused lone surrogates)
+        return EncodedMessage(mid, tokens, role == "system", body, digest)
 
     def _check_size(self, size: int) -> None:
         if size > self.config.max_message_bytes:
@@ -555,6 +640,7 @@ class Operations:
                 if not drop_none:
                     args += [key, ""]
                 continue
+            check_nesting(value, what, InvalidContextError)
             encoded = _dumps(value, what, InvalidContextError)
             size = _utf8_size(encoded, what, InvalidContextError)
             if size > limit:
@@ -611,7 +697,7 @@ class Operations:
                 f"message(s)"
             )
         args: list[str | int] = [
-            now,
+            new_token(),
             session_id,
             limit,
             self.config.ttl_ms,
@@ -619,13 +705,15 @@ class Operations:
             len(encoded),
         ]
         for m in encoded:
-            args += [m.id, m.tokens, m.json]
+            args += [m.id, m.tokens, m.json, m.digest]
         args += self.encode_context({} if context is None else context, drop_none=True)
 
         def decode(reply: Any) -> SessionState:
             return self._decode_state(session_id, reply[1], reply[2])
 
-        return Op("create", [keys.msgs, keys.meta, keys.ids], args, decode)
+        return Op(
+            "create", [keys.msgs, keys.meta, keys.ids, keys.idlog, keys.archive], args, decode
+        )
 
     def append(
         self, session_id: str, messages: Sequence[object], *, create: bool
@@ -642,7 +730,7 @@ class Operations:
         encoded = [self.encode_message(m, now) for m in messages]
         channel, token_limit, ttl_ms, max_messages = self._append_settings
         args: list[str | int] = [
-            now,
+            self.config.id_window,
             session_id,
             channel,
             int(create),
@@ -652,7 +740,7 @@ class Operations:
             len(encoded),
         ]
         for m in encoded:
-            args += [m.id, m.tokens, int(m.is_system), m.json]
+            args += [m.id, m.tokens, int(m.is_system), m.json, m.digest]
         ids = tuple(m.id for m in encoded)
 
         def decode(reply: Any) -> AppendResult:
@@ -665,7 +753,12 @@ class Operations:
                 message_ids=ids,
             )
 
-        return Op("append", [keys.msgs, keys.meta, keys.ids, keys.queue], args, decode)
+        return Op(
+            "append",
+            [keys.msgs, keys.meta, keys.ids, keys.queue, keys.idlog, keys.archive],
+            args,
+            decode,
+        )
 
     def state(self, session_id: str) -> Op[SessionState]:
         keys = self.schema.session(session_id)
@@ -742,16 +835,28 @@ class Operations:
         self, session_id: str, mapping: Mapping[str, Any], *, replace: bool
     ) -> Op[int]:
         keys = self.schema.session(session_id)
-        args: list[str | int] = [self.clock(), session_id, int(replace)]
+        args: list[str | int] = [session_id, int(replace)]
         args += self.encode_context(mapping)
-        return Op("update_context", [keys.msgs, keys.meta, keys.ids], args, int)
+        return Op(
+            "update_context", [keys.msgs, keys.meta, keys.ids, keys.idlog, keys.archive], args, int
+        )
 
     def delete(self, session_id: str) -> Op[bool]:
         keys = self.schema.session(session_id)
         return Op(
             "delete",
-            [keys.msgs, keys.meta, keys.ids, keys.queue, keys.running, keys.archive, keys.dead],
-            [session_id],
+            [
+                keys.msgs,
+                keys.meta,
+                keys.ids,
+                keys.queue,
+                keys.running,
+                keys.archive,
+                keys.dead,
+                keys.idlog,
+                keys.deleted,
+            ],
+            [session_id, new_token(), DELETE_RETRY_WINDOW_MS],
             lambda reply: bool(int(reply)),
         )
 

@@ -172,7 +172,7 @@ def test_the_checker_catches_each_kind_of_violation(redis_url: str, tmp_path: Pa
         # 5: a lease nobody holds any more
         r.zadd(keys[5].running, {config.session_ids()[5]: 1})
         # 6: the id of a rejected append is recorded
-        r.sadd(keys[6].ids, next(iter(ledger.rejected)))
+        r.hset(keys[6].ids, next(iter(ledger.rejected)), "d")
         # 7: over its limit, idle, and never flagged again
         r.hset(keys[7].meta, "token_limit", 10)
         # 8: the same message twice in the list

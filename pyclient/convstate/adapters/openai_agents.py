@@ -428,15 +428,15 @@ class ConvstateSession:
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove the newest item and return it; None if the session is empty or missing.
 
-        Atomic against concurrent appends and compactions: under ``WATCH`` of the message list
-        and the meta hash it reads the newest record and the totals, then ``MULTI``: ``RPOP``
-        the record, ``SREM`` its id (so it may be added again), ``HINCRBY`` ``token_count`` by
-        minus its tokens and ``message_count`` by -1, lower ``head_count`` if the record was in
-        the head (a system message or the summary with nothing after it), set ``updated_at``
-        and refresh the TTL. A write by anyone in between fails the ``EXEC`` and the pop is
-        retried (up to :data:`MAX_POP_ATTEMPTS` times). Removing a summary removes the
-        compacted history it stands for. A record another client stored that reads as several
-        items (an assistant message with tool calls) is removed whole; its last item is
+        Atomic against concurrent appends and compactions: under ``WATCH`` of the message list and
+        the meta hash it reads the newest record and the totals, then ``MULTI``: ``RPOP`` the
+        record, ``HDEL`` its id from the id hash and ``LREM`` it from the id log (so it may be added
+        again), ``HINCRBY`` ``token_count`` by minus its tokens and ``message_count`` by -1, lower
+        ``head_count`` if the record was in the head (a system message or the summary with nothing
+        after it), set ``updated_at`` and refresh the TTL. A write by anyone in between fails the
+        ``EXEC`` and the pop is retried (up to :data:`MAX_POP_ATTEMPTS` times). Removing a summary
+        removes the compacted history it stands for. A record another client stored that reads as
+        several items (an assistant message with tool calls) is removed whole; its last item is
         returned.
         """
         keys = self._keys
@@ -456,14 +456,15 @@ class ConvstateSession:
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.rpop(keys.msgs)
                     if isinstance(record.get("id"), str):
-                        pipe.srem(keys.ids, record["id"])
+                        pipe.hdel(keys.ids, record["id"])
+                        pipe.lrem(keys.idlog, -1, record["id"])  # near the tail
                     pipe.hincrby(keys.meta, "token_count", -int(record.get("tokens") or 0))
                     pipe.hincrby(keys.meta, "message_count", -1)
                     pipe.hset(keys.meta, "updated_at", now_ms())
                     if head_count >= message_count:  # the popped record was in the head
                         pipe.hset(keys.meta, "head_count", max(0, head_count - 1))
                     if ttl_ms > 0:
-                        for key in (keys.msgs, keys.meta, keys.ids):
+                        for key in (keys.msgs, keys.meta, keys.ids, keys.idlog):
                             pipe.pexpire(key, ttl_ms)
                     await pipe.execute()
                 except WatchError:
