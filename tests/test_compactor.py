@@ -42,8 +42,9 @@ from convstate.compactor import (
     Outcome,
     ShardStatus,
 )
-from convstate.errors import LeaseLostError, SessionNotFoundError
+from convstate.errors import LeaseLostError, SessionFullError, SessionNotFoundError
 from convstate.keys import SessionKeys
+from convstate.operations import DEFAULT_ID_WINDOW
 from convstate.planner import CompactionPolicy
 from convstate.scripts import script_source
 from convstate.summarizers import (
@@ -954,6 +955,199 @@ async def test_archive_ttl_defaults_to_the_sessions_ttl(
     assert (await compactor.compact(claim)).status == "compacted"
     for key in (keys.archive, keys.msgs, keys.meta, keys.ids, keys.idlog):
         assert 490 < await ar.ttl(key) <= 500, key
+
+
+async def test_an_archive_never_expires_before_its_session(
+    ar: redis.asyncio.Redis, prefix: str
+) -> None:
+    store = AsyncConversationStore(
+        ar, token_limit=LIMIT, encoding=ENC, prefix=prefix, shards=SHARDS, ttl=500
+    )
+    sid = "archive-follows"
+    await flagged_session(store, sid)
+    keys = store.schema.session(sid)
+    # An archive_ttl shorter than the session's TTL does not shorten the archive's life.
+    compactor = make_compactor(ar, store, FakeSummarizer(), archive=True, archive_ttl=60)
+    claim = await compactor.claim(sid)
+    assert claim is not None
+    assert (await compactor.compact(claim)).status == "compacted"
+    assert 490 < await ar.ttl(keys.archive) <= 500
+    # Every write of the session carries its archive along (here: an archive that aged).
+    await ar.pexpire(keys.archive, 5_000)
+    await store.append(sid, chat_message(sid, 900))
+    assert 490 < await ar.ttl(keys.archive) <= 500
+    await ar.pexpire(keys.archive, 5_000)
+    await store.update_context(sid, {"k": 1})
+    assert 490 < await ar.ttl(keys.archive) <= 500
+    # An archive kept longer than the session (archive_ttl) is not cut back by writes.
+    await ar.expire(keys.archive, 5_000)
+    await store.append(sid, chat_message(sid, 901))
+    assert 4_900 < await ar.ttl(keys.archive) <= 5_000
+
+
+async def test_a_new_session_never_inherits_an_expired_ones_archive_or_ids(
+    ar: redis.asyncio.Redis, prefix: str
+) -> None:
+    store = AsyncConversationStore(
+        ar, token_limit=LIMIT, encoding=ENC, prefix=prefix, shards=SHARDS, ttl=1
+    )
+    sid = "reused-id"
+    before = await flagged_session(store, sid)
+    keys = store.schema.session(sid)
+    compactor = make_compactor(ar, store, FakeSummarizer(), archive=True, archive_ttl=3600)
+    claim = await compactor.claim(sid)
+    assert claim is not None
+    assert (await compactor.compact(claim)).status == "compacted"
+    # The session expires (TTL 1 s); its archive (archive_ttl) and, say, its id log outlive it.
+    await ar.persist(keys.idlog)
+    deadline = time.monotonic() + 5
+    while await ar.exists(keys.meta) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not await ar.exists(keys.meta)
+    assert await ar.exists(keys.archive, keys.idlog) == 2
+
+    state = await store.create_session(sid, system="A new conversation.")
+    assert [m["content"] for m in state.messages] == ["A new conversation."]
+    assert await ar.exists(keys.archive) == 0  # not another conversation's originals
+    assert await ar.lrange(keys.idlog, 0, -1) == [state.messages[0]["id"].encode()]
+    # An id of the old conversation is a new message here, not a "retry".
+    old = before[1]
+    result = await store.append(sid, {k: old[k] for k in ("role", "content", "id")})
+    assert result.stored == 1
+
+    # The same through append(create=True).
+    await ar.rpush(keys.archive, json.dumps({"id": "stale"}))
+    await ar.delete(keys.meta, keys.msgs)
+    await store.append(sid, chat_message(sid, 5), create=True)
+    assert await ar.exists(keys.archive) == 0
+
+
+async def test_id_hash_stays_bounded_over_3000_appends_with_max_messages_10(
+    ar: redis.asyncio.Redis, prefix: str
+) -> None:
+    """The operator's case of issue 11 (7 records, 3,508 ids before): the id hash holds the
+    idempotency window, whatever the number of appends."""
+    store = AsyncConversationStore(
+        ar, token_limit=150, encoding=ENC, prefix=prefix, shards=SHARDS, max_messages=10
+    )
+    sid = "bounded"
+    await store.create_session(sid, system=SYSTEM)
+    keys = store.schema.session(sid)
+    compactor = make_compactor(ar, store, FakeSummarizer())
+    compactions = 0
+
+    async def compact() -> None:
+        nonlocal compactions
+        claim = await compactor.claim(sid)
+        assert claim is not None
+        assert (await compactor.compact(claim)).status == "compacted"
+        compactions += 1
+
+    sizes = []
+    for i in range(3000):
+        message = chat_message(sid, i)
+        try:
+            result = await store.append(sid, message)
+        except SessionFullError:
+            await compact()
+            result = await store.append(sid, message)
+        if result.flagged:
+            await compact()
+        if i in (99, 2999):
+            sizes.append(await ar.memory_usage(keys.ids) + await ar.memory_usage(keys.idlog))
+    assert compactions > 100
+    assert await ar.llen(keys.msgs) <= 10
+    assert await ar.hlen(keys.ids) == await ar.llen(keys.idlog) == DEFAULT_ID_WINDOW
+    # Bounded: as large after 3,000 appends as after the first 100 (~12 KB on Redis 7).
+    assert sizes[1] <= sizes[0] * 1.1, sizes
+    assert sizes[1] < 20_000, sizes
+    # The newest ids are the window: a retry of the last message is still dropped.
+    assert (await store.append(sid, chat_message(sid, 2999))).stored == 0
+
+
+# -- clocks: the server's, never a host's ------------------------------------------------------
+
+#: How far the host clocks of these tests are off.
+CLOCK_SKEW = 600.0
+
+
+class SkewedTime:
+    """The ``time`` module as a host whose clock is ``skew`` seconds off sees it: only
+    ``time.time()`` is off (monotonic clocks are not wall clocks)."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_an_app_600_s_ahead_flags_a_session_a_daemon_claims_at_once(
+    ar: redis.asyncio.Redis, store: AsyncConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convstate.operations
+
+    monkeypatch.setattr(convstate.operations, "time", SkewedTime(CLOCK_SKEW))
+    sid = "app-ahead"
+    await flagged_session(store, sid)
+    keys = store.schema.session(sid)
+    now = await server_ms(ar)
+    score = await ar.zscore(keys.queue, sid)
+    assert score is not None
+    assert now - 5_000 < score <= now
+    meta = await meta_of(ar, keys)
+    for field in ("created_at", "updated_at", "queued_at"):
+        assert now - 5_000 < int(meta[field]) <= now, field
+    compactor = make_compactor(ar, store, FakeSummarizer())
+    claim = await compactor.claim_next(keys.shard)
+    assert claim is not None
+    assert claim.session_id == sid
+
+
+async def test_a_daemon_600_s_behind_still_reaps_an_expired_lease(
+    ar: redis.asyncio.Redis, store: AsyncConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convstate.compactor
+
+    monkeypatch.setattr(convstate.compactor, "time", SkewedTime(-CLOCK_SKEW))
+    sid = "daemon-behind"
+    await flagged_session(store, sid)
+    compactor = make_compactor(ar, store, FakeSummarizer(), lease_ms=100)
+    claim = await compactor.claim(sid)
+    assert claim is not None
+    assert await compactor.reap(claim.keys.shard) == []  # not expired yet
+    await asyncio.sleep(0.2)
+    assert await compactor.reap(claim.keys.shard) == [(sid, "queued")]
+    assert await compactor.claim(sid) is not None
+
+
+async def test_a_daemon_600_s_ahead_requeues_a_session_still_over_its_limit_due_now(
+    ar: redis.asyncio.Redis, store: AsyncConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convstate.compactor
+
+    monkeypatch.setattr(convstate.compactor, "time", SkewedTime(CLOCK_SKEW))
+    sid = "daemon-ahead"
+    await flagged_session(store, sid)
+    gate = asyncio.Event()
+    summarizer = FakeSummarizer(gate=gate)
+    compactor = make_compactor(ar, store, summarizer)
+    claim = await compactor.claim(sid)
+    assert claim is not None
+    task = asyncio.ensure_future(compactor.compact(claim))
+    await summarizer.started.wait()
+    for i in range(100, 130):  # appends while the model works: still over the limit after
+        await store.append(sid, chat_message(sid, i))
+    gate.set()
+    assert (await task).status == "compacted"
+    keys = claim.keys
+    score = await ar.zscore(keys.queue, sid)
+    assert score is not None
+    assert score <= await server_ms(ar)
+    assert await compactor.claim(sid) is not None  # due at once, not in 600 s
 
 
 # -- appends during summarization (another process) --------------------------------------------
