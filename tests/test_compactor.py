@@ -1065,6 +1065,37 @@ async def test_id_hash_stays_bounded_over_3000_appends_with_max_messages_10(
     assert (await store.append(sid, chat_message(sid, 2999))).stored == 0
 
 
+@pytest.mark.parametrize("depth", [975, 20_000])
+async def test_a_stored_record_nested_too_deeply_never_crashes_the_compactor(
+    ar: redis.asyncio.Redis, store: AsyncConversationStore, depth: int
+) -> None:
+    """Written by an older convstate (or by hand): the compaction ends with a typed outcome
+    (retry, then dead-letter), never a RecursionError out of compact()."""
+    sid = f"deep-{depth}"
+    before = await flagged_session(store, sid)
+    keys = store.schema.session(sid)
+    deep = "[" * depth + "]" * depth
+    record = before[1]
+    await ar.lset(
+        keys.msgs,
+        1,
+        f'{{"tokens":{record["tokens"]},"role":"user","content":"x","data":{deep},'
+        f'"id":{json.dumps(record["id"])},"kind":"message","ts":1}}',
+    )
+    compactor = make_compactor(ar, store, FakeSummarizer(), max_attempts=2)
+    outcome = await compactor.compact(await claim_when_due(compactor, sid))
+    assert outcome.status == "retry"
+    assert "nest" in outcome.note
+    meta = await meta_of(ar, keys)
+    assert meta["state"] == "queued"
+    assert "invalid history" in meta["last_error"]
+    compactor.config = dataclasses.replace(compactor.config, backoff_base_ms=0)
+    outcome = await compactor.compact(await claim_when_due(compactor, sid))
+    assert outcome.status == "dead"
+    assert (await meta_of(ar, keys))["state"] == "dead"
+    assert await ar.llen(keys.msgs) == len(before)  # nothing folded, nothing lost
+
+
 # -- clocks: the server's, never a host's ------------------------------------------------------
 
 #: How far the host clocks of these tests are off.
