@@ -51,7 +51,7 @@ INVARIANTS: tuple[tuple[str, str], ...] = (
     ),
     ("resend_stored", "re-sending an acknowledged message (same id) stores nothing"),
     ("unknown_id", "every stored id was sent by a writer, to that session"),
-    ("rejected_stored", "no id of a rejected call (bad input) is stored, nor in the id set"),
+    ("rejected_stored", "no id of a rejected call (bad input) is stored, nor in the id hash"),
     ("bad_input_accepted", "every bad input was rejected with its typed error"),
     ("missing_session_created", "appends to a missing session created nothing"),
     ("content", "every stored record has the role, content and tool fields sent"),
@@ -76,7 +76,8 @@ INVARIANTS: tuple[tuple[str, str], ...] = (
     ("appended", "meta appended equals system messages + distinct stored ids"),
     (
         "ids_set",
-        "the idempotency set holds every stored and acknowledged id; SCARD = appended + epoch",
+        "the id hash holds the idempotency window: HLEN = min(appended + epoch, id_window), "
+        "every id in it stored or a summary's",
     ),
     (
         "state",

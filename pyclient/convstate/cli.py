@@ -590,7 +590,7 @@ DAEMON_HELP: dict[str, str] = {
     "max_summary_tokens": "Upper bound of a summary's tokens (at most 1/4 of a session's limit).",
     "max_fold_tokens": "Most tokens one compaction folds; a longer middle is folded in steps.",
     "archive": "Keep the folded originals in an archive list per session.",
-    "archive_ttl": "Expiry of the archive list in seconds.",
+    "archive_ttl": "Keep an archive at least this long, in seconds (and as long as its session).",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
 }
 
