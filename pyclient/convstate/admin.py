@@ -196,6 +196,10 @@ class Admin:
                 )
                 dead.extend(DeadSession(sid.decode(), int(score)) for sid, score in rows)
         oldest = [st.oldest_queued_ms for st in statuses if st.queued]
+        now = time.time()
+        if oldest:  # flag times are the server's clock: measure the age on it too
+            seconds, micros = self.redis.time()
+            now = int(seconds) + int(micros) / 1e6
         return Stats(
             shards=len(statuses),
             queued=sum(st.queued for st in statuses),
@@ -203,7 +207,7 @@ class Admin:
             running=sum(st.running for st in statuses),
             expired_leases=sum(st.expired for st in statuses),
             dead=sum(st.dead for st in statuses),
-            oldest_flagged_age_s=round(max(0.0, time.time() - min(oldest) / 1000), 3)
+            oldest_flagged_age_s=round(max(0.0, now - min(oldest) / 1000), 3)
             if oldest
             else None,
             dead_sessions=sorted(dead, key=lambda item: item.dead_at_ms),
