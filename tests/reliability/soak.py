@@ -995,7 +995,8 @@ def _check_session(
             f"{where}: HLEN ids {len(ids_set)} != min(appended {appended} + epoch {epoch}, "
             f"{DEFAULT_ID_WINDOW})",
         )
-    for mid in ids_set - distinct:
+    everywhere = distinct | {str(r.get("id")) for r in records}  # the head's too
+    for mid in ids_set - everywhere:
         if not mid.startswith("sum-"):
             report.add("ids_set", f"{where}: {mid} is in the id hash but stored nowhere")
 
