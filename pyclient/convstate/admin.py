@@ -207,9 +207,7 @@ class Admin:
             running=sum(st.running for st in statuses),
             expired_leases=sum(st.expired for st in statuses),
             dead=sum(st.dead for st in statuses),
-            oldest_flagged_age_s=round(max(0.0, now - min(oldest) / 1000), 3)
-            if oldest
-            else None,
+            oldest_flagged_age_s=round(max(0.0, now - min(oldest) / 1000), 3) if oldest else None,
             dead_sessions=sorted(dead, key=lambda item: item.dead_at_ms),
             per_shard=statuses,
         )

@@ -170,10 +170,11 @@ class CompactionMeasure:
         keys = conv.ops.session_keys(sid)
         memory = {
             "msgs list": usage(self.admin, keys.msgs),
-            "ids set": usage(self.admin, keys.ids),
+            "ids hash": usage(self.admin, keys.ids),
+            "ids log": usage(self.admin, keys.idlog),
             "meta hash": usage(self.admin, keys.meta),
             "records": len(state.messages),
-            "ids": int(self.admin.scard(keys.ids)),
+            "ids": int(self.admin.hlen(keys.ids)),
         }
         out = {
             "sent": sent,
@@ -300,12 +301,10 @@ class CompactionReport:
             "saw-tooths between the compaction target and the limit. At the end the session "
             f"held {mem['records']} records (system message, summary and the "
             f"{conv['kept_verbatim']} newest of {n(conv['appended'])} messages verbatim) in "
-            f"{mem['msgs list'] / 1024:.1f} KiB, but its ids set still held {mem['ids']:,} "
-            f"ids (every message, system message and summary ever stored) in "
-            f"{mem['ids set'] / 1024:.1f} KiB: the ids of folded messages are kept so "
-            "that a late retry stays idempotent, so the set grows by about "
-            f"{mem['ids set'] / max(1, mem['ids']):.0f} bytes per message for the session's "
-            "whole life and outweighs the compacted history.\n\n"
+            f"{mem['msgs list'] / 1024:.1f} KiB, and its id hash held {mem['ids']:,} ids (the "
+            "idempotency window: the newest message and summary ids) in "
+            f"{(mem['ids hash'] + mem['ids log']) / 1024:.1f} KiB with their log, a bound "
+            "that does not grow with the session's life.\n\n"
             + self.image("tokens_per_turn.png", "tokens sent per turn")
         )
         fig, ax = plt.subplots(figsize=(7, 4.5))

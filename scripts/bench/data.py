@@ -35,7 +35,7 @@ def rpush_many(client: redis.Redis, key: str, values: Sequence[str | bytes]) -> 
 
 def conv_pairs(store: Any, template: str, live: str) -> list[tuple[str, str]]:
     t, s = store.ops.session_keys(template), store.ops.session_keys(live)
-    return [(t.msgs, s.msgs), (t.meta, s.meta), (t.ids, s.ids)]
+    return [(t.msgs, s.msgs), (t.meta, s.meta), (t.ids, s.ids), (t.idlog, s.idlog)]
 
 
 #: The scripted conversation of [6]: travel planning, with the names, numbers, decisions and

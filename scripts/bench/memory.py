@@ -34,7 +34,8 @@ class MemoryMeasure:
             record = statistics.mean(len(x) for x in admin.lrange(keys.msgs, 0, -1))
             parts = {
                 "msgs list": usage(admin, keys.msgs),
-                "ids set": usage(admin, keys.ids),
+                "ids hash": usage(admin, keys.ids),
+                "ids log": usage(admin, keys.idlog),
                 "meta hash": usage(admin, keys.meta),
             }
             row: dict[str, Any] = {
@@ -58,7 +59,8 @@ class MemoryMeasure:
             total = sum(parts.values()) / n
             print(
                 f"  [5] {size}: payload {payload:.0f} B, convstate {total:.0f} B/message "
-                f"(list {parts['msgs list'] / n:.0f}, ids {parts['ids set'] / n:.0f}, "
+                f"(list {parts['msgs list'] / n:.0f}, "
+                f"ids {(parts['ids hash'] + parts['ids log']) / n:.0f}, "
                 f"meta {parts['meta hash'] / n:.1f})",
                 flush=True,
             )
@@ -123,7 +125,7 @@ class MemoryReport:
                 bottom = 0.0
                 for part, value in row[name].items():
                     kind = (
-                        "message ids (set)"
+                        "message ids (hash + log)"
                         if "ids" in part
                         else "meta / session hash"
                         if "hash" in part
