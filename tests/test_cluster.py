@@ -59,7 +59,7 @@ from convstate.cli import main as cli_main
 from convstate.compactor import SUMMARY_PREFIX, Compactor, CompactorConfig
 from convstate.daemon import Daemon, DaemonSettings
 from convstate.embedded import LocalCluster, RedisServer
-from convstate.errors import ConfigurationError, SessionNotFoundError
+from convstate.errors import ConfigurationError, MessageIdConflictError, SessionNotFoundError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.planner import CompactionPolicy
 from convstate.summarizers import ExtractiveSummarizer, Summarizer, Summary, SummaryRequest
@@ -524,8 +524,10 @@ def test_sync_client_every_operation_on_every_master(
             many = store.append_many(sid, [turn(sid, 1), turn(sid, 2)])
             assert (many.stored, many.message_count) == (2, 4)
             assert many.token_count > one.token_count
-            again = store.append(sid, turn(sid, 3, message_id=many.message_ids[0]))
+            again = store.append(sid, turn(sid, 1, message_id=many.message_ids[0]))  # a retry
             assert (again.stored, again.duplicates, again.message_count) == (0, 1, 4)
+            with pytest.raises(MessageIdConflictError):  # another message with that id
+                store.append(sid, turn(sid, 3, message_id=many.message_ids[0]))
             context = store.get_context(sid, budget=1_000)
             assert [m["role"] for m in context] == ["system", "user", "assistant", "user"]
             assert context[1]["content"] == turn(sid, 0)["content"]
@@ -1258,10 +1260,12 @@ def test_wait_replicas_after_an_ask_redirect_waits_on_the_node_that_stored_it() 
         try:
             store.create_session(sid, system=SYSTEM)
             assert store.append(sid, turn(sid, 0)).replicas == 1
-            # The shard's queue must exist too: with a key of the script missing on both
-            # sides, a migrating slot answers TRYAGAIN until the migration ends.
+            # The shard's queue and the session's archive must exist too: with a key of the
+            # script missing on both sides, a migrating slot answers TRYAGAIN until the
+            # migration ends (the client retries it for cluster_retry_timeout).
             store.create_session(flagged, token_limit=5)
             assert store.append(flagged, turn(flagged, 0)).flagged
+            store.redis.rpush(schema.session(sid).archive, json.dumps(turn(sid, -1)))
             # Every key of the slot moved to the target; the slot is still the source's.
             with source.client(socket_timeout=10) as src, target.client() as dst:
                 dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", local.node_id(source))
