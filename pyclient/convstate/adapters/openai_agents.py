@@ -93,7 +93,7 @@ from convstate.errors import (
     SessionNotFoundError,
 )
 from convstate.keys import validate_session_id
-from convstate.operations import loads_record, now_ms
+from convstate.operations import decode_record, now_ms
 from convstate.planner import SUMMARY_KIND
 
 if TYPE_CHECKING:
@@ -417,7 +417,7 @@ class ConvstateSession:
             exists, raw = await pipe.execute()
         if not exists:
             return self._missing()
-        return _items([loads_record(r) for r in raw])[-limit:]
+        return _items([decode_record(r) for r in raw])[-limit:]
 
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Append ``items`` atomically, in one round trip (all or none)."""
@@ -451,7 +451,7 @@ class ConvstateSession:
                     if raw is None or count is None:
                         await pipe.reset()  # type: ignore[no-untyped-call]
                         return None
-                    record = loads_record(raw)
+                    record = decode_record(raw)
                     message_count, head_count, ttl_ms = int(count), int(head or 0), int(ttl or 0)
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.rpop(keys.msgs)
