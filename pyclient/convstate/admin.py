@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ __all__ = ["Admin", "DeadSession", "ScriptsLoaded", "ShardStatus", "Stats", "iso
 from convstate.errors import ConfigurationError, from_script_error
 from convstate.keys import KeySchema
 from convstate.models import SessionState, ms_to_datetime
-from convstate.operations import Operations, StoreConfig, merge_history
+from convstate.operations import Operations, StoreConfig, decode_record, merge_history
 from convstate.scripts import SCRIPT_NAMES, run_script, script_source
 
 
@@ -161,7 +160,7 @@ class Admin:
             return op.decode(self._call(op.script, op.keys, op.args))
         reply = self._call("state", [keys.msgs, keys.meta, keys.archive], [session_id, 2])
         state = self._ops.state(session_id).decode(reply[:2])
-        history = merge_history(state.messages, [json.loads(raw) for raw in reply[2]])
+        history = merge_history(state.messages, [decode_record(raw) for raw in reply[2]])
         return SessionState(session_id, history, state.context, state.meta)
 
     def shard_statuses(self) -> list[ShardStatus]:

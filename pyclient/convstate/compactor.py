@@ -666,7 +666,7 @@ class Compactor:
             await pipe.reset()
             return "lost", 0, False
         prefix = await pipe.lrange(keys.msgs, 0, plan.fold_end - 1)
-        ids = [json.loads(item).get("id") for item in prefix]
+        ids = [decode_record(item).get("id") for item in prefix]
         if ids != plan.prefix_ids:
             await pipe.reset()
             return "changed", 0, False
