@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -20,6 +20,7 @@ from convstate.keys import KeySchema
 from convstate.models import SessionState, ms_to_datetime
 from convstate.operations import Operations, StoreConfig, decode_record, merge_history
 from convstate.scripts import SCRIPT_NAMES, run_script, script_source
+from convstate.verify import VerifyReport, verify_sessions
 
 
 class _NoCounter:
@@ -162,6 +163,11 @@ class Admin:
         state = self._ops.state(session_id).decode(reply[:2])
         history = merge_history(state.messages, [decode_record(raw) for raw in reply[2]])
         return SessionState(session_id, history, state.context, state.meta)
+
+    def verify(self, session_ids: Iterable[str]) -> VerifyReport:
+        """Check that each session is whole (:mod:`convstate.verify`): every stored record
+        once, totals equal to the sum of its records, state consistent with the shard's sets."""
+        return verify_sessions(self.redis, self.schema, session_ids)
 
     def shard_statuses(self) -> list[ShardStatus]:
         """Every shard's queue, running and dead-letter counts: one pipelined round trip on a

@@ -528,6 +528,42 @@ def requeue(session_ids: tuple[str, ...], all_dead: bool, as_json: bool, **conn:
         _report_queued(sid, queued, False, "it is not in the dead-letter state")
 
 
+@main.command()
+@click.argument("session_ids", nargs=-1, required=True)
+@_connection_options
+def verify(session_ids: tuple[str, ...], as_json: bool, **conn: Any) -> None:
+    """Check that sessions are whole: every stored record (list and archive) exactly once,
+    totals equal to the sum of the records' tokens, state consistent with the queue, running
+    and dead sets. Exits 1 if any session has a violation."""
+    with _admin(**conn) as admin:
+        report = admin.verify(session_ids)
+    if as_json:
+        _echo_json(report.as_dict())
+    else:
+        for verdict in report.sessions:
+            s = verdict.snapshot
+            shape = (
+                f"{s.state}, epoch {s.num('epoch')}, {s.num('token_count'):,}/"
+                f"{s.num('token_limit'):,} tokens, {len(s.records)} records, "
+                f"{len(s.archive)} archived"
+                if s.meta
+                else "not found"
+            )
+            if verdict.ok:
+                click.echo(f"{s.session_id}: ok ({shape})")
+                continue
+            click.echo(f"{s.session_id}: {len(verdict.violations)} violation(s) ({shape})")
+            for violation in verdict.violations:
+                click.echo(f"  {violation.kind}: {violation.detail}")
+        bad = sum(1 for verdict in report.sessions if not verdict.ok)
+        click.echo(
+            f"verified {len(report.sessions)} session(s): "
+            + ("all whole" if report.ok else f"{len(report.violations)} violation(s) in {bad}")
+        )
+    if not report.ok:
+        sys.exit(1)
+
+
 @main.group()
 def scripts() -> None:
     """The Lua scripts convstate runs on the server."""

@@ -75,6 +75,7 @@ from convstate.errors import InvalidMessageError, MessageTooLargeError, SessionN
 from convstate.keys import KeySchema
 from convstate.models import AppendResult
 from convstate.operations import DEFAULT_ID_WINDOW
+from convstate.verify import SessionSnapshot, check_session, read_snapshot
 from tests.processes import clean_env
 
 __all__ = [
@@ -792,6 +793,18 @@ class InvariantReport:
         ]
 
 
+#: The soak's name for each kind of violation :func:`convstate.verify.check_session` reports.
+VERIFY_KINDS = {
+    "missing": "loss",
+    "duplicate": "duplicate",
+    "token_count": "token_count",
+    "message_count": "message_count",
+    "summary": "head",
+    "ids": "ids_set",
+    "state": "state",
+}
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
@@ -854,43 +867,22 @@ def check_invariants(
       within its limit, or was left idle as uncompactable and has not grown past
       ``reflag_above``; a ``queued`` session is over its limit and its retry was not due when
       the drain ended (a due entry means the queue was not drained).
+
+    The checks of the stored state alone -- no id twice, the totals, one summary at the head,
+    the id set holding every stored id, the state agreeing with the sets -- are
+    :func:`convstate.verify.check_session`'s (what ``convstate verify`` runs), reported here
+    under the soak's kinds (:data:`VERIFY_KINDS`); the rest need the ledger or the drain.
     """
     schema = config.schema()
     report = InvariantReport()
     sessions = config.session_ids()
     report.sessions = len(sessions)
-    pipe = client.pipeline(transaction=False)
-    for sid in sessions:
-        keys = schema.session(sid)
-        pipe.hgetall(keys.meta)
-        pipe.lrange(keys.msgs, 0, -1)
-        pipe.lrange(keys.archive, 0, -1)
-        pipe.hkeys(keys.ids)
-        pipe.zscore(keys.queue, sid)
-        pipe.zscore(keys.running, sid)
-        pipe.zscore(keys.dead, sid)
-    replies = pipe.execute()
     stored_anywhere: set[str] = set()
     all_id_sets: set[str] = set()
-    for i, sid in enumerate(sessions):
-        raw_meta, raw_list, raw_archive, raw_ids, q_score, run_score, dead_score = replies[
-            7 * i : 7 * i + 7
-        ]
-        ids_set = {_text(x) for x in raw_ids}
-        all_id_sets |= ids_set
-        stored = _check_session(
-            report,
-            config,
-            ledger,
-            sid,
-            {_text(k): _text(v) for k, v in raw_meta.items()},
-            [json.loads(x) for x in raw_list],
-            [json.loads(x) for x in raw_archive],
-            ids_set,
-            (q_score, run_score, dead_score),
-            drained_at_ms,
-        )
-        stored_anywhere |= stored
+    for sid in sessions:
+        snapshot = read_snapshot(client, schema, sid)  # convstate.verify: one MULTI
+        all_id_sets |= snapshot.ids or frozenset()
+        stored_anywhere |= _check_session(report, ledger, snapshot, drained_at_ms)
     for mid, sid in ledger.rejected.items():
         if mid in stored_anywhere or mid in all_id_sets:
             report.add("rejected_stored", f"{mid} (rejected append to {sid}) is stored")
@@ -920,20 +912,22 @@ def check_invariants(
 
 def _check_session(
     report: InvariantReport,
-    config: SoakConfig,
     ledger: Ledger,
-    sid: str,
-    meta: dict[str, str],
-    records: list[dict[str, Any]],
-    archive: list[dict[str, Any]],
-    ids_set: set[str],
-    scores: tuple[Any, Any, Any],
+    snapshot: SessionSnapshot,
     drained_at_ms: int,
 ) -> set[str]:
+    """:func:`convstate.verify.check_session` (every record once, totals, summary, id set,
+    state against the sets), then what only the soak knows: the ledger, the writers' order,
+    and that the daemons drained the queues and stopped."""
+    sid, meta = snapshot.session_id, snapshot.meta
+    records, archive = list(snapshot.records), list(snapshot.archive)
+    ids_set = snapshot.ids or frozenset()
     where = f"session {sid}"
     if not meta:
         report.add("loss", f"{where}: the session is gone", len(ledger.acked.get(sid, [])) or 1)
         return set()
+    for violation in check_session(snapshot):
+        report.add(VERIFY_KINDS[violation.kind], violation.detail)
     epoch = int(meta.get("epoch", 0))
     head_count = int(meta.get("head_count", 0))
     token_count = int(meta.get("token_count", 0))
@@ -952,11 +946,9 @@ def _check_session(
             f"{where}: head_count {head_count}, epoch {epoch}, head ids "
             f"{[r.get('id') for r in head]}",
         )
-    if len(summaries) != (1 if epoch > 0 else 0) or any(r not in head for r in summaries):
-        report.add("head", f"{where}: {len(summaries)} summaries with epoch {epoch}")
-    for r in body:
-        if r.get("kind") == "summary" or r.get("role") == "system":
-            report.add("head", f"{where}: {r.get('kind')} record {r.get('id')} after the head")
+    for r in body:  # summaries out of place: convstate.verify's "summary", reported as "head"
+        if r.get("role") == "system" and r.get("kind") != "summary":
+            report.add("head", f"{where}: system record {r.get('id')} after the head")
     if summaries:
         info = summaries[0].get("summary") or {}
         if info.get("folded_total") != len(archive) or info.get("epoch") != epoch:
@@ -969,17 +961,10 @@ def _check_session(
         report.add("summary_coverage", f"{where}: {len(archive)} archived without a summary")
 
     # -- totals ------------------------------------------------------------------------------
-    tokens = sum(int(r.get("tokens", 0)) for r in records)
-    if tokens != token_count:
-        report.add("token_count", f"{where}: meta {token_count}, records sum to {tokens}")
-    if int(meta.get("message_count", -1)) != len(records):
-        report.add(
-            "message_count", f"{where}: meta {meta.get('message_count')}, LLEN {len(records)}"
-        )
+    # token_count, message_count: convstate.verify
     stored_records = archive + body
     stored_ids = [str(r.get("id")) for r in stored_records]
-    occurrences = Counter(stored_ids)
-    distinct = set(occurrences)
+    distinct = set(stored_ids)
     system_count = sum(1 for r in head if r.get("role") == "system" and r.get("kind") != "summary")
     appended = int(meta.get("appended", -1))
     if appended != system_count + len(distinct):
@@ -1001,9 +986,6 @@ def _check_session(
             report.add("ids_set", f"{where}: {mid} is in the id hash but stored nowhere")
 
     # -- every id ------------------------------------------------------------------------------
-    for mid, n in occurrences.items():
-        if n > 1:
-            report.add("duplicate", f"{where}: {mid} stored {n} times", n - 1)
     for record in stored_records:
         mid = str(record.get("id"))
         sent = ledger.sent.get(mid)
@@ -1013,7 +995,7 @@ def _check_session(
             report.add("content", f"{where}: {mid} stored as {record!r}, sent {sent.message!r}")
     acked = ledger.acked.get(sid, [])
     for mid in acked:
-        if mid not in occurrences:
+        if mid not in distinct:
             report.add("loss", f"{where}: acknowledged {mid} is not stored")
     report.acked_messages += len(acked)
     report.stored_messages += len(distinct)
@@ -1038,17 +1020,14 @@ def _check_session(
         report.add("split_tool_group", f"{where}: archived tool result {mid} without its call")
 
     # -- compaction state --------------------------------------------------------------------
-    q_score, run_score, dead_score = scores
-    if state == "running" or run_score is not None or "lease" in meta:
+    # state against the queue, running and dead sets: convstate.verify
+    q_score = snapshot.queued
+    if state == "running":
         report.add(
             "state",
-            f"{where}: still running after the daemons stopped (state {state}, run "
-            f"{run_score}, lease {meta.get('lease')})",
+            f"{where}: still running after the daemons stopped (run {snapshot.running}, "
+            f"lease {meta.get('lease')})",
         )
-    if (state == "queued") != (q_score is not None):
-        report.add("state", f"{where}: state {state} but queue score {q_score}")
-    if (state == "dead") != (dead_score is not None):
-        report.add("state", f"{where}: state {state} but dead score {dead_score}")
     if state == "dead":
         report.add("dead_letter", f"{where}: dead-lettered ({meta.get('last_error')})")
     if state == "idle":

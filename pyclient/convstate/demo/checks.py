@@ -1,5 +1,7 @@
 """The verification at the end of the demo: computed from what the writers acknowledged, what
-the daemon reported and what Redis holds, not assumed (:func:`verify`)."""
+the daemon reported and what Redis holds, not assumed (:func:`verify`). The stored-state
+checks ("every record once", "totals equal the sum") are :mod:`convstate.verify`'s, the same
+``convstate verify`` runs; this module adds what only the demo knows: what was acknowledged."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any, NamedTuple
 from convstate.admin import Stats
 from convstate.compactor import Outcome
 from convstate.demo.view import SessionRow, plural
+from convstate.verify import SessionSnapshot, check_totals, occurrences
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class Stored:
 
     def num(self, name: str) -> int:
         return int(self.meta.get(name, 0) or 0)
+
+    def snapshot(self, session_id: str) -> SessionSnapshot:
+        """What :mod:`convstate.verify` checks."""
+        return SessionSnapshot(session_id, self.meta, self.records, self.archive)
 
 
 def _examples(items: Sequence[str], limit: int = 3) -> str:
@@ -181,15 +188,15 @@ def _check_nothing_lost(f: Facts) -> Check:
     in_lists = in_archives = 0
     misplaced: list[str] = []
     for sid, st in f.stored.items():
+        for mid, n in occurrences(st.snapshot(sid)).items():  # the list and the archive
+            found[(sid, mid)] += n
         for rec in st.records:
             if rec.get("kind") != "summary":
-                found[(sid, str(rec.get("id")))] += 1
                 records[(sid, str(rec.get("id")))] = rec
                 in_lists += 1
         for rec in st.archive:
             if rec.get("kind") == "summary" or rec.get("role") == "system":
                 misplaced.append(f"{sid}/{rec.get('id')} ({rec.get('kind')}) in the archive")
-            found[(sid, str(rec.get("id")))] += 1
             records[(sid, str(rec.get("id")))] = rec
             in_archives += 1
     missing = [f"{s}/{m}" for (s, m) in expected if found[(s, m)] == 0]
@@ -226,13 +233,7 @@ def _check_nothing_lost(f: Facts) -> Check:
 
 
 def _check_token_totals(f: Facts) -> Check:
-    wrong: list[str] = []
-    for sid, st in f.stored.items():
-        summed = sum(int(r.get("tokens", 0)) for r in st.records)
-        if st.num("token_count") != summed:
-            wrong.append(f"{sid}: token_count {st.num('token_count'):,} != {summed:,} summed")
-        if st.num("message_count") != len(st.records):
-            wrong.append(f"{sid}: message_count {st.num('message_count')} != {len(st.records)}")
+    wrong = [v.detail for sid, st in f.stored.items() for v in check_totals(st.snapshot(sid))]
     if wrong:
         return Check("token totals", False, "; ".join(wrong))
     return Check(

@@ -37,6 +37,7 @@ from convstate.demo.view import DemoView, SessionRow
 from convstate.demo.writers import WriterEvent, WriterSpec, writer_main
 from convstate.keys import KeySchema
 from convstate.summarizers import Summarizer
+from convstate.verify import read_snapshot
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -380,20 +381,11 @@ class _DemoRun:
         assert view is not None
         assert client is not None
         assert admin is not None
-        pipe = client.pipeline(transaction=False)
-        for sid in view.sessions:
-            keys = self.schema.session(sid)
-            pipe.hgetall(keys.meta)
-            pipe.lrange(keys.msgs, 0, -1)
-            pipe.lrange(keys.archive, 0, -1)
-        replies = pipe.execute()
         stored: dict[str, Stored] = {}
-        for i, sid in enumerate(view.sessions):
-            meta, msgs, archive = replies[3 * i : 3 * i + 3]
+        for sid in view.sessions:
+            snap = read_snapshot(client, self.schema, sid)  # one MULTI per session
             stored[sid] = Stored(
-                {decoded(k): decoded(v) for k, v in meta.items()},
-                [json.loads(raw) for raw in msgs],
-                [json.loads(raw) for raw in archive],
+                dict(snap.meta), [dict(r) for r in snap.records], [dict(r) for r in snap.archive]
             )
         exits = {i: p.exitcode for i, p in enumerate(self.processes)}
         return Facts(
