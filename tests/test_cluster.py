@@ -900,6 +900,25 @@ def test_cli_inspect_compact_requeue_on_the_cluster(cluster: LocalCluster) -> No
     assert json.loads(result.output)["meta"]["state"] == "queued"
 
 
+def test_cli_verify_on_the_cluster(cluster: LocalCluster, rc: redis.RedisCluster) -> None:
+    """Each session is read in one MULTI on the master of its slot; queued and dead
+    sessions on several masters are whole, and a drifted total is reported."""
+    prefix = new_prefix()
+    queued, dead = asyncio.run(_queue_and_kill(cluster, prefix))
+    schema = KeySchema(prefix, DEFAULT_SHARDS)
+    conn = ["--cluster", "--redis-url", cluster.url, "--prefix", prefix]
+    proc = run_cli("verify", *queued, dead, *conn, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True
+    assert [s["state"] for s in report["sessions"]] == ["queued"] * len(queued) + ["dead"]
+    rc.hincrby(schema.session(queued[0]).meta, "token_count", 3)
+    proc = run_cli("verify", *queued, dead, *conn)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"  token_count: {queued[0]}: token_count" in proc.stdout
+    assert "1 violation(s) in 1" in proc.stdout
+
+
 def test_cli_scripts_load_fills_every_node_replicas_included(cluster: LocalCluster) -> None:
     flush_scripts(cluster)
     lua = Path(__file__).resolve().parent.parent / "lua"
