@@ -128,6 +128,11 @@ def _running_without_lease(r: redis.Redis, k: SessionKeys) -> None:
     r.hset(k.meta, "state", "running")
 
 
+def _lease_deadline_off(r: redis.Redis, k: SessionKeys) -> None:
+    r.zadd(k.running, {k.session_id: 5})
+    r.hset(k.meta, mapping={"state": "running", "lease": "tok", "lease_deadline": 6})
+
+
 def _id_missing_from_the_set(r: redis.Redis, k: SessionKeys) -> None:
     record = json.loads(r.lindex(k.msgs, 2))  # type: ignore[arg-type]
     r.srem(k.ids, record["id"])
@@ -153,6 +158,11 @@ BREAKAGES: dict[str, tuple[Callable[[redis.Redis, SessionKeys], None], str, str]
         "state queued but it is not in the queued set",
     ),
     "running without a lease": (_running_without_lease, "state", "holds no lease"),
+    "lease deadline off": (
+        _lease_deadline_off,
+        "state",
+        "lease_deadline 6 but the running set's score is 5",
+    ),
     "id not in the id set": (_id_missing_from_the_set, "ids", "not in the id set"),
     "message count off": (_count_off, "message_count", "message_count"),
     "a summary at epoch 0": (_second_summary, "summary", "1 summaries at epoch 0"),

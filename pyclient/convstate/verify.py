@@ -15,8 +15,8 @@ even while apps append and daemons compact, and checks, from the stored state al
 * ``ids``: every stored record's id is in the session's id set (the duplicate check of
   appends: an id missing from it would be stored twice by a retried append);
 * ``state``: the meta's ``state`` agrees with the shard's sets: ``queued`` iff in the queue,
-  ``running`` iff in the running set (and holding a lease), ``dead`` iff in the dead set,
-  ``idle`` in none of them.
+  ``running`` iff in the running set (holding a lease whose ``lease_deadline`` is its score
+  there), ``dead`` iff in the dead set, ``idle`` in none of them.
 
 :func:`check_session` is pure (no I/O) so that callers holding more knowledge -- the writers'
 acknowledgements in the demo and the soak -- can run it on their own snapshot and add their
@@ -43,6 +43,7 @@ __all__ = [
     "VerifyReport",
     "Violation",
     "check_session",
+    "check_state",
     "check_totals",
     "occurrences",
     "read_snapshot",
@@ -246,7 +247,9 @@ def _check_summary(snapshot: SessionSnapshot) -> list[Violation]:
     return found
 
 
-def _check_state(snapshot: SessionSnapshot) -> list[Violation]:
+def check_state(snapshot: SessionSnapshot) -> list[Violation]:
+    """The ``state`` checks alone: the meta's state against the queue, running and dead sets,
+    the lease and its deadline (the running set's score)."""
     sid, state = snapshot.session_id, snapshot.state
     if state not in STATES:
         return [Violation(sid, "state", f"{sid}: unknown state {state!r}")]
@@ -265,7 +268,21 @@ def _check_state(snapshot: SessionSnapshot) -> list[Violation]:
     if (state == "running") != ("lease" in snapshot.meta):
         holds = "holds" if "lease" in snapshot.meta else "holds no"
         found.append(Violation(sid, "state", f"{sid}: state {state} but it {holds} lease"))
+    deadline = snapshot.meta.get("lease_deadline")
+    if state == "running" and snapshot.running is not None and deadline != _ms(snapshot.running):
+        found.append(
+            Violation(
+                sid,
+                "state",
+                f"{sid}: lease_deadline {deadline} but the running set's score is "
+                f"{_ms(snapshot.running)}",
+            )
+        )
     return found
+
+
+def _ms(score: float) -> str:
+    return str(int(score)) if float(score).is_integer() else str(score)
 
 
 def check_session(snapshot: SessionSnapshot) -> list[Violation]:
@@ -301,7 +318,7 @@ def check_session(snapshot: SessionSnapshot) -> list[Violation]:
                     f"a retried append of them would store them twice",
                 )
             )
-    found += _check_state(snapshot)
+    found += check_state(snapshot)
     return found
 
 

@@ -75,7 +75,7 @@ from convstate.errors import InvalidMessageError, MessageTooLargeError, SessionN
 from convstate.keys import KeySchema
 from convstate.models import AppendResult
 from convstate.operations import DEFAULT_ID_WINDOW
-from convstate.verify import SessionSnapshot, check_session, read_snapshot
+from convstate.verify import SessionSnapshot, check_session, check_state, read_snapshot
 from tests.processes import clean_env
 
 __all__ = [
@@ -1258,19 +1258,21 @@ class _Monitor(threading.Thread):
         :attr:`stale_lease_ms` (a daemon's sweep reaps it)."""
         where = f"session {sid}"
         score = running.get(sid)
-        if (state == "running") != (score is not None):
-            self.violations.add("live_state", f"{where}: state {state}, run-set score {score}")
-        if state == "running" and (
-            lease is None or deadline is None or score is None or float(deadline) != score
-        ):
-            self.violations.add(
-                "live_state",
-                f"{where}: running with lease {lease!r}, deadline {deadline}, score {score}",
-            )
-        if (state == "queued") != (sid in queued):
-            self.violations.add("live_state", f"{where}: state {state}, queued {sid in queued}")
-        if (state == "dead") != (sid in dead):
-            self.violations.add("live_state", f"{where}: state {state}, dead {sid in dead}")
+        meta = {
+            name: value
+            for name, value in (("state", state), ("lease", lease), ("lease_deadline", deadline))
+            if value is not None
+        }
+        snapshot = SessionSnapshot(
+            sid,
+            meta,
+            (),
+            queued=0.0 if sid in queued else None,
+            running=score,
+            dead=0.0 if sid in dead else None,
+        )
+        for violation in check_state(snapshot):  # convstate.verify's state checks
+            self.violations.add("live_state", f"{where}: {violation.detail}")
         if score is not None and now_ms - score > self.stale_lease_ms:
             self.violations.add(
                 "stale_lease",
