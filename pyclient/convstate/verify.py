@@ -177,8 +177,8 @@ def read_snapshot(client: redis.Redis, schema: KeySchema, session_id: str) -> Se
     return SessionSnapshot(
         session_id,
         {_text(k): _text(v) for k, v in meta.items()},
-        [_decode(raw, f"{keys.msgs}") for raw in msgs],
-        [_decode(raw, f"{keys.archive}") for raw in archive],
+        [_decode(raw, keys.msgs) for raw in msgs],
+        [_decode(raw, keys.archive) for raw in archive],
         frozenset(_text(x) for x in ids),
         queued,
         running,
