@@ -18,7 +18,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "pyclient" / "convstate"
 PYCLIENT = PACKAGE.parent
 #: Modules that must stay below the daemon, the demo and the CLI.
-LOW = ("errors", "tokens", "keys", "models", "operations", "scripts", "planner", "verify", "urls")
+LOW = (
+    *("errors", "tokens", "keys", "models", "operations", "scripts", "planner", "verify"),
+    *("urls", "window", "transport"),
+)
 #: The upper layers the low modules must not reach.
 UPPER = ("convstate.cli", "convstate.daemon", "convstate.demo")
 TIMEOUT = 120
