@@ -133,9 +133,13 @@ def _lease_deadline_off(r: redis.Redis, k: SessionKeys) -> None:
     r.hset(k.meta, mapping={"state": "running", "lease": "tok", "lease_deadline": 6})
 
 
-def _id_missing_from_the_set(r: redis.Redis, k: SessionKeys) -> None:
-    record = json.loads(r.lindex(k.msgs, 2))  # type: ignore[arg-type]
-    r.srem(k.ids, record["id"])
+def _newest_id_forgotten(r: redis.Redis, k: SessionKeys) -> None:
+    newest = json.loads(r.lindex(k.msgs, -1))  # type: ignore[arg-type]
+    r.hdel(k.ids, newest["id"])
+
+
+def _id_log_out_of_step(r: redis.Redis, k: SessionKeys) -> None:
+    r.rpush(k.idlog, "never-appended")
 
 
 def _count_off(r: redis.Redis, k: SessionKeys) -> None:
@@ -146,7 +150,8 @@ def _second_summary(r: redis.Redis, k: SessionKeys) -> None:
     summary = {"id": "sum-x", "role": "system", "content": "s", "tokens": 0, "kind": "summary"}
     r.rpush(k.msgs, json.dumps(summary))
     r.hincrby(k.meta, "message_count", 1)
-    r.sadd(k.ids, "sum-x")
+    r.hset(k.ids, "sum-x", "summary")
+    r.rpush(k.idlog, "sum-x")
 
 
 BREAKAGES: dict[str, tuple[Callable[[redis.Redis, SessionKeys], None], str, str]] = {
@@ -163,7 +168,8 @@ BREAKAGES: dict[str, tuple[Callable[[redis.Redis, SessionKeys], None], str, str]
         "state",
         "lease_deadline 6 but the running set's score is 5",
     ),
-    "id not in the id set": (_id_missing_from_the_set, "ids", "not in the id set"),
+    "newest id forgotten": (_newest_id_forgotten, "ids", "is not in the id hash"),
+    "id log out of step": (_id_log_out_of_step, "ids", "in the log, not the hash: never-appended"),
     "message count off": (_count_off, "message_count", "message_count"),
     "a summary at epoch 0": (_second_summary, "summary", "1 summaries at epoch 0"),
 }
@@ -227,6 +233,26 @@ def test_the_connection_comes_from_the_environment_too(
     proc = run_cli("verify", "env", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "env: ok" in proc.stdout
+
+
+def test_a_session_in_the_old_id_set_layout_is_read_and_checked(
+    store: ConversationStore, redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    """convstate 0.1 kept the ids in a SET (taken over on the session's next append): verify
+    reads either layout in its one MULTI."""
+    _conversation(store, "old", 2)
+    k = store.schema.session("old")
+    ids = [m.decode() for m in r.lrange(k.idlog, 0, -1)]
+    r.delete(k.ids, k.idlog)
+    r.sadd(k.ids, *ids)
+    report = verify_sessions(r, KeySchema(prefix, SHARDS), ["old"])
+    assert report.ok, report.violations
+    assert report.sessions[0].snapshot.idlog is None
+    assert report.sessions[0].snapshot.ids == frozenset(ids)
+    r.srem(k.ids, ids[-1])
+    proc = run_cli("verify", "old", *_conn(redis_url, prefix))
+    assert proc.returncode == 1, proc.stderr
+    assert "is not in the id hash" in proc.stdout
 
 
 def test_check_session_is_pure_and_sees_a_summary_in_the_archive() -> None:

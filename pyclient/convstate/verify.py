@@ -12,8 +12,11 @@ even while apps append and daemons compact, and checks, from the stored state al
   ``tokens`` and their number;
 * ``summary``: at most one summary, at the head of the list, present iff ``epoch > 0``;
   none in the archive;
-* ``ids``: every stored record's id is in the session's id set (the duplicate check of
-  appends: an id missing from it would be stored twice by a retried append);
+* ``ids``: the idempotency record is sound: the newest listed message's id is in the id hash
+  (a retried append of it would otherwise be stored twice), and the id hash and its log (the
+  same ids in append order, which bounds the hash to the store's ``id_window``) hold the
+  same ids, each once. A session still in convstate 0.1's layout (an id *set*, no log; it is
+  taken over on its next append) gets the first check only;
 * ``state``: the meta's ``state`` agrees with the shard's sets: ``queued`` iff in the queue,
   ``running`` iff in the running set (holding a lease whose ``lease_deadline`` is its score
   there), ``dead`` iff in the dead set, ``idle`` in none of them.
@@ -42,6 +45,7 @@ __all__ = [
     "SessionVerdict",
     "VerifyReport",
     "Violation",
+    "check_ids",
     "check_session",
     "check_state",
     "check_totals",
@@ -72,7 +76,7 @@ class Violation:
 class SessionSnapshot:
     """A session as Redis holds it: its meta hash (``{}`` if the session does not exist), its
     message list and archive (decoded records, oldest first), its id set and its scores in
-    the shard's queue, running and dead sets. ``ids=None`` means the id set was not read
+    the shard's queue, running and dead sets. ``ids=None`` means the id hash was not read
     (its check is skipped)."""
 
     session_id: str
@@ -80,6 +84,7 @@ class SessionSnapshot:
     records: Sequence[Mapping[str, Any]]
     archive: Sequence[Mapping[str, Any]] = ()
     ids: frozenset[str] | None = None
+    idlog: Sequence[str] | None = None
     queued: float | None = None
     running: float | None = None
     dead: float | None = None
@@ -169,17 +174,29 @@ def read_snapshot(client: redis.Redis, schema: KeySchema, session_id: str) -> Se
     pipe.hgetall(keys.meta)
     pipe.lrange(keys.msgs, 0, -1)
     pipe.lrange(keys.archive, 0, -1)
-    pipe.smembers(keys.ids)
+    pipe.hkeys(keys.ids)
+    pipe.smembers(keys.ids)  # convstate 0.1's id set, until the session's next append
+    pipe.lrange(keys.idlog, 0, -1)
     pipe.zscore(keys.queue, session_id)
     pipe.zscore(keys.running, session_id)
     pipe.zscore(keys.dead, session_id)
-    meta, msgs, archive, ids, queued, running, dead = pipe.execute()
+    # One of HKEYS / SMEMBERS meets the other type (WRONGTYPE): keep that reply, raise others.
+    replies = pipe.execute(raise_on_error=False)
+    meta, msgs, archive, in_hash, in_set, idlog, queued, running, dead = replies
+    for reply in (meta, msgs, archive, idlog, queued, running, dead):
+        if isinstance(reply, Exception):
+            raise reply
+    legacy = isinstance(in_hash, redis.ResponseError) and not isinstance(in_set, Exception)
+    ids = in_set if legacy else in_hash
+    if isinstance(ids, Exception):
+        raise ids
     return SessionSnapshot(
         session_id,
         {_text(k): _text(v) for k, v in meta.items()},
         [_decode(raw, keys.msgs) for raw in msgs],
         [_decode(raw, keys.archive) for raw in archive],
         frozenset(_text(x) for x in ids),
+        None if legacy else [_text(x) for x in idlog],
         queued,
         running,
         dead,
@@ -285,6 +302,48 @@ def _ms(score: float) -> str:
     return str(int(score)) if float(score).is_integer() else str(score)
 
 
+def check_ids(snapshot: SessionSnapshot) -> list[Violation]:
+    """The idempotency record: the newest listed message is remembered, and the id hash and
+    its log agree (skipped where they were not read: ``ids`` / ``idlog`` None)."""
+    sid, found = snapshot.session_id, list[Violation]()
+    if snapshot.ids is None:
+        return found
+    messages = [r for r in snapshot.records if r.get("kind") != "summary"]
+    if messages and str(messages[-1].get("id")) not in snapshot.ids:
+        found.append(
+            Violation(
+                sid,
+                "ids",
+                f"{sid}: the newest message {messages[-1].get('id')} is not in the id hash; a "
+                f"retried append of it would store it twice",
+            )
+        )
+    if snapshot.idlog is not None:
+        logged = Counter(snapshot.idlog)
+        twice = sorted(mid for mid, n in logged.items() if n > 1)
+        unlogged = sorted(snapshot.ids - set(logged))
+        unhashed = sorted(set(logged) - snapshot.ids)
+        problems = [
+            f"{label} {_examples(items)}"
+            for label, items in (
+                ("logged twice:", twice),
+                ("in the hash, not the log:", unlogged),
+                ("in the log, not the hash:", unhashed),
+            )
+            if items
+        ]
+        if problems:
+            found.append(
+                Violation(
+                    sid,
+                    "ids",
+                    f"{sid}: the id hash and its log disagree ({'; '.join(problems)}); the "
+                    f"window would forget the wrong ids",
+                )
+            )
+    return found
+
+
 def check_session(snapshot: SessionSnapshot) -> list[Violation]:
     """Every :data:`KINDS` check of one session (pure: no I/O)."""
     sid = snapshot.session_id
@@ -303,21 +362,7 @@ def check_session(snapshot: SessionSnapshot) -> list[Violation]:
     ]
     found += check_totals(snapshot)
     found += _check_summary(snapshot)
-    if snapshot.ids is not None:
-        unknown = [
-            str(r.get("id"))
-            for r in [*snapshot.records, *snapshot.archive]
-            if str(r.get("id")) not in snapshot.ids
-        ]
-        if unknown:
-            found.append(
-                Violation(
-                    sid,
-                    "ids",
-                    f"{sid}: {len(unknown)} stored ids not in the id set ({_examples(unknown)}); "
-                    f"a retried append of them would store them twice",
-                )
-            )
+    found += check_ids(snapshot)
     found += check_state(snapshot)
     return found
 
