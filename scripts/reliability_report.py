@@ -320,8 +320,9 @@ def render(result: SoakResult, command: str, when: datetime.datetime) -> str:
         *(f"| {text} (`{kind}`) | {inv.counts[kind]} |" for kind, text in INVARIANTS),
         "",
         "The checks of the stored state alone (no id twice, the totals, one summary at the "
-        "head, the id set, the state against the queue, running and dead sets) are "
-        "`convstate.verify`'s: what `convstate verify SESSION...` runs on any deployment.",
+        "head, the id hash against its log, the state against the queue, running and dead "
+        "sets) are `convstate.verify`'s: what `convstate verify SESSION...` runs on any "
+        "deployment.",
         "",
         "The archive is the list of folded originals a daemon started with `--archive` keeps "
         "per session, appended in the same `MULTI` as the swap that folds them; so archive + "
