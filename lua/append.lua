@@ -35,6 +35,11 @@
     error "CS_FULL ... (max_messages)"  storing the new messages would pass ARGV[7]
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this), or
                               a token total that would pass MAX
+    error "CS_CORRUPT ..."    some of the session's keys are missing (evicted): its meta says
+                              it holds messages but its list or id hash is gone, or (ARGV[4]
+                              "1") its meta is gone but its messages survive
+    error "OOM ..."           (Redis) memory is full: the first write is one that may grow
+                              memory, so a full server refuses the call before any write
   A rejected call writes nothing.
 ]]
 local MAX = 9007199254740991  -- 2^53 - 1
@@ -83,10 +88,32 @@ if not limit then
       or not (ttl and ttl >= 0 and ttl <= MAX and ttl % 1 == 0) then
     return redis.error_reply('CS_BADARG append: malformed create arguments')
   end
+  -- Messages without meta: the meta hash was evicted (a session never loses it otherwise).
+  -- Creating here would delete them. Keys about to expire (< 1 s) are leftovers of a TTL.
+  local left = redis.call('PTTL', msgs)
+  if left == -1 or left > 1000 then
+    return redis.error_reply('CS_CORRUPT session ' .. sid .. ': its meta hash ' .. meta ..
+      ' is missing but its messages survive in ' .. msgs .. ' (evicted? use maxmemory-policy' ..
+      ' noeviction); delete the session or restore it')
+  end
   m = {limit, 0, 0, 0, 'idle', ttl, 0, 0}
   created = true
 end
 local token_count, message_count = tonumber(m[2]), tonumber(m[3])
+if not created and message_count > 0 then
+  -- Meta says messages are stored: a missing list or id hash was evicted. Appending would
+  -- answer a phantom total, or store a retried message twice. (The id hash exists once a
+  -- message was appended or created with an id: meta appended > 0.)
+  local needed = {msgs}
+  if (tonumber(m[8]) or 0) > 0 then needed[2] = ids end
+  for _, key in ipairs(needed) do
+    if redis.call('EXISTS', key) == 0 then
+      return redis.error_reply('CS_CORRUPT session ' .. sid .. ': ' .. key .. ' is missing' ..
+        ' although its meta counts ' .. message_count .. ' messages (evicted? use' ..
+        ' maxmemory-policy noeviction); delete the session or restore it')
+    end
+  end
+end
 local head_count, state, ttl = tonumber(m[4]), m[5], tonumber(m[6]) or 0
 -- After a compaction that could not shrink the session, wait for it to grow before re-flagging.
 local reflag_above, appended = tonumber(m[7]) or 0, tonumber(m[8]) or 0
@@ -129,6 +156,9 @@ if max_messages > 0 and message_count + #fresh > max_messages then
 end
 
 if created then
+  -- The first write may grow memory, so a full server refuses the call before any write
+  -- (Redis refuses a script's first such write only; DEL never is).
+  redis.call('HSET', meta, 'token_limit', limit)
   -- Leftovers of an expired session (its keys expire one by one) must not leak into this one.
   redis.call('DEL', msgs, ids, idlog, archive)
 end

@@ -1,7 +1,11 @@
+#!lua flags=allow-oom
 --[[
   Claim a flagged session for compaction: move it from its shard queue to the running set
   with a lease deadline and a lease token that fences every later write of the claimer.
   The caller picks the candidate (ZRANGEBYSCORE on the queue) so that every key is in KEYS.
+  Flags: allow-oom: it runs when Redis memory is full (compaction is what frees memory); its
+  writes are a few small fields. Without flags (Redis 6.2) Redis refuses only a script's first
+  write that may grow memory, so its first write frees (ZREM).
   Input:
     KEYS[1] shard queue      <prefix>:{<shard>}:q
     KEYS[2] shard running    <prefix>:{<shard>}:run

@@ -26,6 +26,7 @@
     error "CS_EXISTS ..."  the session exists (created by another call) and ARGV[5] is "0"
     error "CS_BADARG ..."  malformed ARGV (only a caller bypassing the client sees this), or
                            system messages of more than MAX tokens
+    error "OOM ..."        (Redis) memory is full: refused before any write
   A rejected call writes nothing.
 ]]
 local MAX = 9007199254740991  -- 2^53 - 1
@@ -72,14 +73,15 @@ if owner or redis.call('EXISTS', meta) == 1 then
   end
   return redis.error_reply('CS_EXISTS session ' .. sid .. ' already exists')
 end
--- Leftovers of an expired session (keys expire one by one) must not leak into a new one.
-redis.call('DEL', msgs, ids, idlog, archive)
-
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- The first write may grow memory, so a full server (maxmemory) refuses the call before
+-- any write (Redis refuses a script's first such write only).
 redis.call('HSET', meta, 'created_at', now, 'updated_at', now, 'token_count', token_count,
   'message_count', n, 'token_limit', limit, 'ttl', ttl, 'head_count', n, 'state', 'idle',
   'epoch', 0, 'appended', n, 'create_token', token)
+-- Leftovers of an expired session (keys expire one by one) must not leak into a new one.
+redis.call('DEL', msgs, ids, idlog, archive)
 for i = 0, n - 1 do
   local base = 7 + 4 * i
   redis.call('HSET', ids, ARGV[base], ARGV[base + 3])

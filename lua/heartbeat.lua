@@ -1,5 +1,9 @@
+#!lua flags=allow-oom
 --[[
   Extend a compaction lease, only while the caller still holds it (its token matches).
+  Flags: allow-oom: it runs when Redis memory is full (compaction is what frees memory); its
+  writes are a few small fields. Without flags (Redis 6.2) Redis refuses only a script's first
+  write that may grow memory, so its first write frees (HDEL).
   Input:
     KEYS[1] shard running    <prefix>:{<shard>}:run
     KEYS[2] meta hash        <prefix>:{<shard>}:s:<sid>:meta
@@ -22,6 +26,7 @@ if redis.call('HGET', meta, 'lease') ~= token or not redis.call('ZSCORE', runnin
 end
 local t = redis.call('TIME')
 local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + lease_ms
+redis.call('HDEL', meta, 'lease_deadline')  -- first write frees: see Flags above
 redis.call('ZADD', running, deadline, sid)
 redis.call('HSET', meta, 'lease_deadline', deadline)
 return {1, deadline}

@@ -15,6 +15,7 @@
     {"SMALL", head messages, {}, tokens the head and priming need, budget}
       the budget cannot hold the head; the caller raises
     error "CS_NOSESSION ..."  the session does not exist
+    error "CS_CORRUPT ..."    its meta counts messages but its list is missing (evicted)
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this)
 ]]
 local MAX = 9007199254740991  -- 2^53 - 1
@@ -33,6 +34,11 @@ end
 if budget == 0 then budget = tonumber(m[1]) end
 local head_count = tonumber(m[2]) or 0
 local total = tonumber(m[3]) or 0
+if total > 0 and redis.call('EXISTS', msgs) == 0 then
+  return redis.error_reply('CS_CORRUPT session ' .. ARGV[1] .. ': ' .. msgs .. ' is missing' ..
+    ' although its meta counts ' .. total .. ' messages (evicted? use maxmemory-policy' ..
+    ' noeviction); delete the session or restore it')
+end
 
 -- Records written by convstate start with {"tokens":N,"role":"...": read both without
 -- decoding the whole message. Anything else is decoded.

@@ -1,7 +1,11 @@
+#!lua flags=allow-oom
 --[[
   Take back an expired compaction lease (its daemon died or stalled): the session goes back to
   its queue with attempts + 1, or to the dead-letter state once attempts reach the maximum.
   The caller picks the candidate (ZRANGEBYSCORE on the running set) so every key is in KEYS.
+  Flags: allow-oom: it runs when Redis memory is full (compaction is what frees memory); its
+  writes are a few small fields. Without flags (Redis 6.2) Redis refuses only a script's first
+  write that may grow memory, so its first write frees (ZREM).
   Input:
     KEYS[1] shard queue      <prefix>:{<shard>}:q
     KEYS[2] shard running    <prefix>:{<shard>}:run

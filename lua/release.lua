@@ -1,5 +1,9 @@
+#!lua flags=allow-oom
 --[[
   End a compaction attempt without a swap, while holding the lease.
+  Flags: allow-oom: it runs when Redis memory is full (compaction is what frees memory); its
+  writes are a few small fields. Without flags (Redis 6.2) Redis refuses only a script's first
+  write that may grow memory, so its first write frees (ZREM).
   Input:
     KEYS[1] shard queue      <prefix>:{<shard>}:q
     KEYS[2] shard running    <prefix>:{<shard>}:run

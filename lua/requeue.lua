@@ -8,23 +8,31 @@
     ARGV[2] wake-up channel
     ARGV[3] "dead" = only a session in the dead-letter state, "any" = any session not running,
             "force" = as "any", and mark it (meta force = 1) so that the daemon folds all but
-            the kept recent turns even if the session fits its target
+            the kept recent turns even if the session fits its target,
+            "lost" = only a session in state "queued" that has no queue entry (its queue was
+            evicted: the daemon's sweep repairs it)
   Output:
     1  queued (attempts reset, wake-up published)
-    0  not queued: running, already queued, or (ARGV[3] "dead") not dead
+    0  not queued: running, already queued, or (ARGV[3] "dead") not dead, or (ARGV[3]
+       "lost") not a queued session without its queue entry
     error "CS_NOSESSION ..."  the session does not exist
     error "CS_BADARG ..."     malformed ARGV
 ]]
 local queue, meta, dead = KEYS[1], KEYS[2], KEYS[3]
 local sid, channel, which = ARGV[1], ARGV[2], ARGV[3]
-if sid == '' or (which ~= 'dead' and which ~= 'any' and which ~= 'force') then
+if sid == '' or (which ~= 'dead' and which ~= 'any' and which ~= 'force'
+    and which ~= 'lost') then
   return redis.error_reply('CS_BADARG requeue: malformed arguments')
 end
 local state = redis.call('HGET', meta, 'state')
 if not state then
   return redis.error_reply('CS_NOSESSION session ' .. sid .. ' does not exist')
 end
-if state == 'running' or state == 'queued' or (which == 'dead' and state ~= 'dead') then
+if which == 'lost' then
+  if state ~= 'queued' or redis.call('ZSCORE', queue, sid) then
+    return 0
+  end
+elseif state == 'running' or state == 'queued' or (which == 'dead' and state ~= 'dead') then
   return 0
 end
 local t = redis.call('TIME')

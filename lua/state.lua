@@ -10,6 +10,7 @@
     {meta (flat HGETALL), messages (oldest first; empty when ARGV[2] is "0")}
     {meta, messages, archive (oldest first)}  when ARGV[2] is "2"
     error "CS_NOSESSION ..."  the session does not exist
+    error "CS_CORRUPT ..."    its meta counts messages but its list is missing (evicted)
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this)
 ]]
 if (ARGV[2] ~= '0' and ARGV[2] ~= '1' and ARGV[2] ~= '2') or (ARGV[2] == '2' and #KEYS < 3) then
@@ -19,10 +20,21 @@ local flat = redis.call('HGETALL', KEYS[2])
 if #flat == 0 then
   return redis.error_reply('CS_NOSESSION session ' .. ARGV[1] .. ' does not exist')
 end
-if ARGV[2] == '0' then
-  return {flat, {}}
+local raw = {}
+if ARGV[2] ~= '0' then
+  raw = redis.call('LRANGE', KEYS[1], 0, -1)
+end
+if #raw == 0 then
+  for i = 1, #flat, 2 do
+    if flat[i] == 'message_count' and (tonumber(flat[i + 1]) or 0) > 0
+        and redis.call('EXISTS', KEYS[1]) == 0 then
+      return redis.error_reply('CS_CORRUPT session ' .. ARGV[1] .. ': ' .. KEYS[1] ..
+        ' is missing although its meta counts ' .. flat[i + 1] .. ' messages (evicted? use' ..
+        ' maxmemory-policy noeviction); delete the session or restore it')
+    end
+  end
 end
 if ARGV[2] == '2' then
-  return {flat, redis.call('LRANGE', KEYS[1], 0, -1), redis.call('LRANGE', KEYS[3], 0, -1)}
+  return {flat, raw, redis.call('LRANGE', KEYS[3], 0, -1)}
 end
-return {flat, redis.call('LRANGE', KEYS[1], 0, -1)}
+return {flat, raw}

@@ -14,6 +14,7 @@
     number of context fields after the update
     error "CS_NOSESSION ..."  the session does not exist
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this)
+    error "OOM ..."           (Redis) memory is full: refused before any write
 ]]
 local msgs, meta, ids, idlog, archive = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 if not ARGV[1] or (ARGV[2] ~= '0' and ARGV[2] ~= '1') or (#ARGV - 2) % 2 ~= 0 then
@@ -28,6 +29,10 @@ local flat = redis.call('HGETALL', meta)
 if #flat == 0 then
   return redis.error_reply('CS_NOSESSION session ' .. ARGV[1] .. ' does not exist')
 end
+-- The first write may grow memory, so a full server (maxmemory) refuses the call before
+-- any write (Redis refuses a script's first such write only).
+local t = redis.call('TIME')
+redis.call('HSET', meta, 'updated_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local fields = 0
 local ttl = 0
 for i = 1, #flat, 2 do
@@ -51,8 +56,6 @@ for i = 3, #ARGV, 2 do
     fields = fields + 1 - had
   end
 end
-local t = redis.call('TIME')
-redis.call('HSET', meta, 'updated_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 if ttl > 0 then
   redis.call('PEXPIRE', msgs, ttl)
   redis.call('PEXPIRE', meta, ttl)

@@ -6,8 +6,8 @@
 * the core guarantee: messages appended by another process while the model summarizes are
   never lost, and the summary is never redone (plus a negative control: a swap that WATCHes
   across the model call always loses under the same load);
-* a swap that races an append (forced between its WATCH and EXEC) is retried without
-  redoing the summary, and gives up (retry later) when it keeps racing;
+* appends that land between the snapshot and the swap script are kept, with no retry and
+  no second summary (the swap is one atomic script);
 * fencing of a daemon whose lease expired, heartbeats, summarizer failures and dead-letter,
   uncompactable sessions, and a session deleted (and recreated) during its compaction.
 
@@ -26,7 +26,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import redis
@@ -146,43 +146,6 @@ class RawScripts:
 
     async def __call__(self, name: str, keys: Sequence[str], *args: Any) -> Any:
         return await self._scripts[name](keys=list(keys), args=list(args))
-
-
-class RacingClient:
-    """Wraps the compactor's client so that an append lands between the swap's WATCH and its
-    EXEC, ``races`` times: each such swap ends in a WatchError, deterministically."""
-
-    def __init__(
-        self, client: redis.asyncio.Redis, store: AsyncConversationStore, sid: str, races: int
-    ) -> None:
-        self._client = client
-        self._store = store
-        self._sid = sid
-        self.races = races
-        self.appended: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-    def pipeline(self, transaction: bool = True) -> Any:
-        pipe = self._client.pipeline(transaction=transaction)
-        lrange = pipe.lrange
-
-        def racing_lrange(*args: Any, **kwargs: Any) -> Any:
-            if not (pipe.watching and self.races > 0):
-                return lrange(*args, **kwargs)  # buffered (snapshot) or no race left
-            self.races -= 1
-
-            async def append_then_read() -> Any:
-                message = chat_message(self._sid, 500 + len(self.appended), tag="race")
-                result = await self._store.append(self._sid, message)
-                self.appended.append(result.message_ids[0])
-                return await lrange(*args, **kwargs)
-
-            return append_then_read()
-
-        pipe.lrange = racing_lrange  # type: ignore[method-assign]
-        return pipe
 
 
 @pytest.fixture
@@ -1317,7 +1280,8 @@ async def test_negative_control_watch_across_the_model_call_always_loses(
     ar: redis.asyncio.Redis, store: AsyncConversationStore, redis_url: str, prefix: str
 ) -> None:
     """A swap that WATCHes the session before the model call (the naive way) under the same
-    append load: every try ends in WatchError, which is why Compactor watches only the swap."""
+    append load: every try ends in WatchError, which is why the swap is one script that checks
+    the prefix instead of a watch."""
     sids = [f"naive-{i}" for i in range(5)]
     for sid in sids:
         await flagged_session(store, sid)
@@ -1353,70 +1317,38 @@ async def test_negative_control_watch_across_the_model_call_always_loses(
         ]
 
 
-async def test_swap_retries_after_a_watch_error_without_resummarizing(
+async def test_appends_landing_just_before_the_swap_are_kept_and_nothing_is_redone(
     ar: redis.asyncio.Redis, store: AsyncConversationStore
 ) -> None:
+    """The swap is one script: appends that land after the snapshot (here: right before the
+    swap runs) only push to the tail, which the swap leaves alone; no retry, no resummary."""
     sid = "racing"
     before = await flagged_session(store, sid)
     keys = store.schema.session(sid)
     summarizer = FakeSummarizer()
-    racing = RacingClient(ar, store, sid, races=2)
-    compactor = Compactor(
-        cast("redis.asyncio.Redis", racing),
-        store.schema,
-        store.counter,
-        summarizer,
-        CompactorConfig(policy=POLICY, archive=True),
-    )
+    compactor = make_compactor(ar, store, summarizer, archive=True)
+    appended: list[str] = []
+    swap_script = compactor._swap_script
+
+    async def append_then_swap(*args: Any) -> Any:
+        for n in range(2):
+            result = await store.append(sid, chat_message(sid, 500 + n, tag="race"))
+            appended.append(result.message_ids[0])
+        return await swap_script(*args)
+
+    compactor._swap_script = append_then_swap  # type: ignore[method-assign]
     claim = await compactor.claim(sid)
     assert claim is not None
     outcome = await compactor.compact(claim)
     assert outcome.status == "compacted", outcome
-    assert outcome.swap_attempts == 3  # two WatchErrors, then the swap
-    assert len(summarizer.calls) == 1  # the summary was not redone
-    assert len(racing.appended) == 2
+    assert outcome.swap_attempts == 1
+    assert len(summarizer.calls) == 1
     records = await assert_totals(ar, keys)
     archived = await records_of(ar, keys.archive)
     kept = [r["id"] for r in [records[0], *archived, *records[2:]]]
-    assert kept == [r["id"] for r in before] + racing.appended
+    assert kept == [r["id"] for r in before] + appended
     meta = await meta_of(ar, keys)
     assert (meta["epoch"], meta["state"]) == ("1", "idle")
-
-
-async def test_swap_that_keeps_racing_gives_up_and_retries_later(
-    ar: redis.asyncio.Redis, store: AsyncConversationStore
-) -> None:
-    sid = "racing-forever"
-    await flagged_session(store, sid)
-    keys = store.schema.session(sid)
-    summarizer = FakeSummarizer()
-    racing = RacingClient(ar, store, sid, races=100)
-    compactor = Compactor(
-        cast("redis.asyncio.Redis", racing),
-        store.schema,
-        store.counter,
-        summarizer,
-        CompactorConfig(policy=POLICY, swap_retries=3, backoff_base_ms=100),
-    )
-    claim = await compactor.claim(sid)
-    assert claim is not None
-    t0 = await server_ms(ar)
-    outcome = await compactor.compact(claim)
-    t1 = await server_ms(ar)
-    assert outcome.status == "retry", outcome
-    assert outcome.note == "swap retries exhausted"
-    assert outcome.swap_attempts == 3
-    assert len(summarizer.calls) == 1
-    assert len(racing.appended) == 3
-    records = await assert_totals(ar, keys)
-    assert [r["id"] for r in records[-3:]] == racing.appended  # nothing folded, nothing lost
-    assert not [r for r in records if r.get("kind") == "summary"]
-    meta = await meta_of(ar, keys)
-    assert (meta["state"], meta["attempts"], meta["epoch"]) == ("queued", "1", "0")
-    assert meta["last_error"] == "swap kept racing appends"
-    score = await ar.zscore(keys.queue, sid)
-    assert score is not None
-    assert t0 + 100 <= score <= t1 + 100
 
 
 # -- fencing and heartbeats --------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -23,12 +24,14 @@ from redis.exceptions import (
     AuthenticationError,
     ClusterDownError,
     MovedError,
+    NoPermissionError,
     NoScriptError,
+    RedisError,
     ResponseError,
     TryAgainError,
 )
 
-from convstate.errors import ConfigurationError, ConvstateError, from_script_error
+from convstate.errors import OOM_REPLY, ConfigurationError, ConvstateError, from_script_error
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.models import AppendResult, SessionState, Turn
 from convstate.operations import (
@@ -39,8 +42,15 @@ from convstate.operations import (
     Operations,
     StoreConfig,
     check_shard_config,
+    eviction_warning,
 )
-from convstate.scripts import Retries, all_sources, arun_script, run_script
+from convstate.scripts import (
+    Retries,
+    all_sources,
+    arun_script,
+    run_script,
+    script_not_loaded,
+)
 from convstate.tokens import TiktokenCounter, TokenCounter
 from convstate.transport import (
     FastPathUnavailable,
@@ -53,6 +63,8 @@ from convstate.urls import auth_error, check_redis_url
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript, Script
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -67,6 +79,12 @@ CLUSTER_RETRY_SECONDS = 10.0
 #: Replies to the node pipeline of ``_append_and_wait`` after which the append takes the
 #: cluster client's path (which follows redirects and retries TRYAGAIN): the script did not run.
 _NOT_RUN_ON_THIS_NODE = (MovedError, AskError, TryAgainError, ClusterDownError)
+
+#: Logged when the shard count cannot be recorded because Redis memory is full.
+_CONFIG_NOT_RECORDED = (
+    "Redis memory is full: the shard count of prefix %r is not recorded yet; reads go on, "
+    "and the check runs again on the next call"
+)
 
 Message = Mapping[str, Any]
 SystemArg = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | None
@@ -232,6 +250,7 @@ class _StoreBase(Generic[C]):
         self.ops = Operations(self.schema, self.counter, self.config)
         self._owns_client = owns_client
         self._config_checked = False
+        self._memory_full_logged = False
 
     def __repr__(self) -> str:
         return (
@@ -411,12 +430,28 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         await self.aclose()
 
     async def _check_config(self, client: redis.asyncio.Redis) -> None:
-        pipe = client.pipeline(transaction=False)
-        pipe.hsetnx(self.schema.config, "shards", self.schema.shards)
-        pipe.hget(self.schema.config, "shards")
-        _, recorded = await pipe.execute()
+        """See :meth:`ConversationStore._check_config`."""
+        config = self.schema.config
+        recorded = await client.hget(config, "shards")
+        if recorded is None:
+            try:
+                await client.hsetnx(config, "shards", self.schema.shards)
+            except ResponseError as exc:
+                if OOM_REPLY not in str(exc):
+                    raise
+                if not self._memory_full_logged:
+                    self._memory_full_logged = True
+                    log.warning(_CONFIG_NOT_RECORDED, self.schema.prefix)
+                return
+            recorded = await client.hget(config, "shards")
         check_shard_config(recorded, self.schema.shards, self.schema.prefix)
         self._config_checked = True
+        try:
+            warning = eviction_warning(await client.config_get("maxmemory-policy"))
+        except RedisError:  # refused by ACL, or a managed service without CONFIG: say nothing
+            warning = None
+        if warning:
+            log.warning(warning)
 
     async def _run(self, op: Op[T]) -> T:
         client = self._home_client()
@@ -455,7 +490,10 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             reply, acked = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError) and retries.may_reload():
-                script.sha = await client.script_load(script.script)
+                try:
+                    script.sha = await client.script_load(script.script)
+                except NoPermissionError as exc:
+                    raise script_not_loaded(script) from exc
                 continue
             if isinstance(reply, Exception):
                 raise reply
@@ -702,12 +740,31 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         self.close()
 
     def _check_config(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hsetnx(self.schema.config, "shards", self.schema.shards)
-        pipe.hget(self.schema.config, "shards")
-        _, recorded = pipe.execute()
+        """Once per client: check the shard count recorded for the prefix (read first; record
+        it only when missing, so a full memory refuses nothing here: then the check is left
+        for a later call and reads go on), and warn once about an evicting
+        ``maxmemory-policy`` (silently skipped if CONFIG GET is refused)."""
+        config = self.schema.config
+        recorded = self.redis.hget(config, "shards")
+        if recorded is None:
+            try:
+                self.redis.hsetnx(config, "shards", self.schema.shards)
+            except ResponseError as exc:
+                if OOM_REPLY not in str(exc):
+                    raise
+                if not self._memory_full_logged:
+                    self._memory_full_logged = True
+                    log.warning(_CONFIG_NOT_RECORDED, self.schema.prefix)
+                return
+            recorded = self.redis.hget(config, "shards")
         check_shard_config(recorded, self.schema.shards, self.schema.prefix)
         self._config_checked = True
+        try:
+            warning = eviction_warning(self.redis.config_get("maxmemory-policy"))
+        except RedisError:  # refused by ACL, or a managed service without CONFIG: say nothing
+            warning = None
+        if warning:
+            log.warning(warning)
 
     def _run(self, op: Op[T]) -> T:
         try:
@@ -748,7 +805,10 @@ class ConversationStore(_StoreBase["redis.Redis"]):
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             *_, reply, acked = pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError) and retries.may_reload():
-                script.sha = client.script_load(script.script)
+                try:
+                    script.sha = client.script_load(script.script)
+                except NoPermissionError as exc:
+                    raise script_not_loaded(script) from exc
                 continue
             if route is not None and isinstance(reply, _NOT_RUN_ON_THIS_NODE):
                 route.redirected(reply)  # raises it once the retry time is spent

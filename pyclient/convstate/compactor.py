@@ -4,7 +4,7 @@ The steps, and why each is safe when many app instances append and several daemo
 
 1. **claim** (Lua): move the session from its shard queue to the running set with a lease
    deadline and a random lease token. Only one daemon wins.
-2. **snapshot** (one MULTI/EXEC read) and **plan** (pure, :mod:`convstate.planner`): which
+2. **snapshot** (one read script) and **plan** (pure, :mod:`convstate.planner`): which
    prefix of the list to fold; appends only ever push to the tail, so they never change it.
    Decoding the records and planning run in a worker thread, never on the event loop.
 3. **summarize** (seconds; no Redis watch held): the summarizer folds the previous summary and
@@ -12,18 +12,23 @@ The steps, and why each is safe when many app instances append and several daemo
    queue with a backoff, or to the dead-letter state (logged once at WARNING, naming the
    session and ``convstate requeue``). From the snapshot to the end of the summary, a
    heartbeat extends the lease every third of the lease.
-4. **swap** (WATCH/MULTI, milliseconds): re-read the lease token and the prefix's ids; if both
-   are exactly the snapshot's, replace the prefix with system message(s) + summary, adjust the
-   totals, release the lease. A WatchError (an append landed in between) retries the swap, never
-   the summary. A daemon whose lease expired is fenced: its token no longer matches. A session
-   still over its limit, or one step of a longer fold (see :attr:`CompactionPlan.partial`) still
-   over its target, is queued again, and the wake-up is published after EXEC.
+4. **swap** (one Lua script, ``lua/swap.lua``, milliseconds): check the lease token and that
+   the prefix's ids are exactly the snapshot's; if both hold, replace the prefix with system
+   message(s) + summary, adjust the totals, release the lease. The check and the writes are
+   one atomic script, so no append can land in between, and appends only push to the tail,
+   which the swap never touches: nothing is lost, and there is no race to retry (DESIGN's
+   WATCH/MULTI did the same optimistically; a script also runs when Redis memory is full,
+   where MULTI/EXEC is refused: see the script's header). A daemon whose lease expired is
+   fenced: its token no longer matches. A session still over its limit, or one step of a
+   longer fold (see :attr:`CompactionPlan.partial`) still over its target, is queued again,
+   and the wake-up is published after the script.
 
-On a Redis Cluster the snapshot and the swap run on a plain connection of their own to the
-master owning the session's slot (redis-py's cluster transactions can follow a MOVED to a
-fresh connection where nothing is watched). A MOVED, ASK, TRYAGAIN or CLUSTERDOWN reply (the
-slot moved or is moving: nothing was written) retries on the slot's owner, with WATCH again,
-for :data:`REDIRECT_RETRY_SECONDS`.
+Every step is a Lua script over the keys of one hash tag, so on a Redis Cluster each runs on
+the slot's owner; TRYAGAIN and redis-py's ClusterError (a slot migrating, CLUSTERDOWN: the
+script ran nothing) are retried for :data:`REDIRECT_RETRY_SECONDS`. Every step also runs when
+Redis memory is full (``maxmemory``, ``noeviction``), which is when compaction matters most:
+the snapshot only reads, claim/heartbeat/release/reap declare ``allow-oom``, and the swap
+runs whenever it frees at least what it adds (see ``lua/swap.lua``).
 """
 
 from __future__ import annotations
@@ -33,29 +38,28 @@ import contextlib
 import json
 import logging
 import math
+import re
 import secrets
 import shlex
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio
 from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    MovedError,
     RedisError,
     ResponseError,
-    TryAgainError,
-    WatchError,
 )
 
 from convstate.errors import (
     ConfigurationError,
     LeaseLostError,
+    MemoryFullError,
     RecordDecodeError,
+    SessionCorruptedError,
+    SessionNotFoundError,
     ValidationError,
     from_script_error,
 )
@@ -85,16 +89,12 @@ T = TypeVar("T")
 #: longer than redis-py's own retries).
 REDIRECT_RETRY_SECONDS = 10.0
 
-#: Replies on a slot owner's connection after which nothing was written there.
-_REDIRECTED = (AskError, TryAgainError, ClusterDownError)  # MovedError is an AskError
-
 #: Text the summary message starts with (stripped again when the summary is rolled).
 SUMMARY_PREFIX = "Summary of the conversation so far:\n"
 
 #: Swap results that give the session back for a retry: (meta last_error, outcome note).
 _SWAP_RETRY_REASONS = {
     "changed": ("history prefix changed", "history prefix changed"),
-    "racing": ("swap kept racing appends", "swap retries exhausted"),
 }
 
 
@@ -106,7 +106,6 @@ class CompactorConfig:
         lease_ms: lease length; a daemon that stops heartbeating loses the session after it.
         max_attempts: failed attempts (summarizer errors, expired leases) before dead-letter.
         backoff_base_ms / backoff_max_ms: retry delay ``base * 2**(attempt-1)``, capped.
-        swap_retries: WatchError retries of the swap (the summary is never redone).
         archive: keep the folded originals in the session's archive list.
         archive_ttl: keep the archive list at least this many seconds after a compaction. An
             archive never expires before its session: it gets the session's TTL (refreshed by
@@ -118,13 +117,12 @@ class CompactorConfig:
     max_attempts: int = 5
     backoff_base_ms: int = 1_000
     backoff_max_ms: int = 300_000
-    swap_retries: int = 20
     archive: bool = False
     archive_ttl: int | None = None
     policy: CompactionPolicy = field(default_factory=CompactionPolicy)
 
     def __post_init__(self) -> None:
-        for name in ("lease_ms", "max_attempts", "swap_retries"):
+        for name in ("lease_ms", "max_attempts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
@@ -208,7 +206,7 @@ class Compactor:
         self.counter = counter
         self.summarizer = summarizer
         self.config = config or CompactorConfig()
-        names = ("claim", "heartbeat", "release", "reap", "requeue", "peek")
+        names = ("claim", "heartbeat", "release", "reap", "requeue", "peek", "swap", "state")
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(script_source(name)) for name in names
         }
@@ -224,27 +222,6 @@ class Compactor:
             )
         except ResponseError as exc:
             raise (from_script_error(str(exc)) or exc) from exc
-
-    async def _on_slot_owner(
-        self, key: str, work: Callable[[redis.asyncio.Redis], Awaitable[T]]
-    ) -> T:
-        """``work(client)`` with a client whose commands all reach the master owning
-        ``key``'s slot on one connection (so WATCH/MULTI/EXEC mean what they say): the store's
-        own client on a standalone server, a plain connection of its own on a cluster. On a
-        cluster, ``work`` is run again (on the new owner) after a MOVED, ASK, TRYAGAIN or
-        CLUSTERDOWN reply, for up to :data:`REDIRECT_RETRY_SECONDS`."""
-        if not isinstance(self.redis, redis.asyncio.RedisCluster):
-            return await work(self.redis)
-        owner = _SlotOwner(self.redis, key)
-        try:
-            while True:
-                client = await owner.client()
-                try:
-                    return await work(client)
-                except _REDIRECTED as exc:
-                    await owner.redirected(exc)
-        finally:
-            await owner.aclose()
 
     def count_text(self, text: str) -> int:
         """Tokens ``text`` costs as a system message (what the summary will cost)."""
@@ -361,6 +338,46 @@ class Compactor:
         reply = await self._script("peek", [s.queue(shard), s.running(shard), s.dead(shard)], [])
         return ShardStatus(shard, *(int(x) for x in reply))
 
+    async def repair_step(self, cursor: int, count: int = 1000) -> tuple[int, list[str]]:
+        """One step of the scan that repairs sessions whose queue entry was lost (evicted
+        under a ``maxmemory-policy`` that evicts): a session in state ``queued`` with no entry
+        in its shard queue would wait forever. SCAN ``count`` keys from ``cursor`` for session
+        meta hashes of this prefix and queue those sessions again. Returns the next cursor (0:
+        a full pass ended) and the repaired session ids. Standalone servers only (SCAN is per
+        node); needs ``+scan``."""
+        tag = re.compile(rf"^{re.escape(self.schema.prefix)}:\{{\d+\}}:s:(.+):meta$")
+        cursor, found = await self.redis.scan(
+            cursor, match=f"{self.schema.prefix}:{{*}}:s:*:meta", count=count
+        )
+        sids = [m.group(1) for m in (tag.match(_text(raw)) for raw in found) if m is not None]
+        repaired: list[str] = []
+        if not sids:
+            return int(cursor), repaired
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hget(self.schema.session(sid).meta, "state")
+        states = await pipe.execute()
+        for sid, state in zip(sids, states, strict=True):
+            if state is None or _text(state) != "queued":
+                continue
+            keys = self.schema.session(sid)
+            try:
+                reply = await self._script(
+                    "requeue",
+                    [keys.queue, keys.meta, keys.dead],
+                    [sid, self.schema.wake_channel, "lost"],
+                )
+            except SessionNotFoundError:  # deleted since the scan
+                continue
+            if int(reply) == 1:
+                log.warning(
+                    "session %r was queued but its queue entry was missing (evicted?); "
+                    "queued it again",
+                    sid,
+                )
+                repaired.append(sid)
+        return int(cursor), repaired
+
     async def requeue(self, session_id: str, *, only_dead: bool) -> bool:
         """Flag a session now (``only_dead``: only one in the dead-letter state)."""
         keys = self.schema.session(session_id)
@@ -374,16 +391,16 @@ class Compactor:
     # -- one compaction ------------------------------------------------------------------------
 
     async def _snapshot(self, claim: Claim) -> tuple[dict[str, str], list[Any]]:
-        """The session's meta and its raw (undecoded) records, in one MULTI/EXEC read."""
-
-        async def read(client: redis.asyncio.Redis) -> list[Any]:
-            pipe = client.pipeline(transaction=True)
-            pipe.hgetall(claim.keys.meta)
-            pipe.lrange(claim.keys.msgs, 0, -1)
-            return await pipe.execute()
-
-        flat, raw = await self._on_slot_owner(claim.keys.meta, read)
-        return {_text(k): _text(v) for k, v in flat.items()}, raw
+        """The session's meta and its raw (undecoded) records, read atomically by the state
+        script (a MULTI would be refused when Redis memory is full: Redis refuses every
+        command queued in a MULTI then). Empty meta: the session is gone. Raises
+        SessionCorruptedError if its list was evicted."""
+        keys = claim.keys
+        try:
+            flat, raw = await self._script("state", [keys.msgs, keys.meta], [claim.session_id, 1])
+        except SessionNotFoundError:
+            return {}, []
+        return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}, raw
 
     @staticmethod
     def _decode_and_plan(
@@ -432,6 +449,10 @@ class Compactor:
             meta, plan = await self._keep_lease(claim, self._prepare(claim))
         except LeaseLostError:
             return Outcome(sid, "lost", note="lease lost while reading the session")
+        except SessionCorruptedError as corrupted:  # evicted keys: retry, then dead-letter
+            log.error("session %r cannot be compacted: %s", sid, corrupted)
+            state = await self.release(claim, "retry", f"corrupted: {corrupted}")
+            return Outcome(sid, "dead" if state == "dead" else "retry", note=str(corrupted))
         if not meta:
             return Outcome(sid, "gone")
         if plan is None:
@@ -574,24 +595,28 @@ class Compactor:
         record = self._summary_record(
             plan, text, model, summarizer, summary_ms, tokens_before, claim.epoch
         )
-        attempts = 0
-        races = 0
-
-        async def swap(client: redis.asyncio.Redis) -> tuple[str, int, bool]:
-            nonlocal attempts, races
-            async with client.pipeline(transaction=True) as pipe:
-                while True:
-                    attempts += 1
-                    try:
-                        return await self._try_swap(pipe, claim, plan, record)
-                    except WatchError:
-                        races += 1
-                        log.debug("swap of session %r raced an append; retrying", sid)
-                        if races >= self.config.swap_retries:
-                            return "racing", 0, False
-                        await pipe.reset()  # type: ignore[no-untyped-call]
-
-        result, new_tokens, over = await self._on_slot_owner(claim.keys.meta, swap)
+        new_head = [
+            json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in [*plan.system, record]
+        ]
+        try:
+            reply = await self._swap_script(claim, plan, record, new_head)
+        except MemoryFullError as exc:
+            # Only a swap that would grow the data (an archive, a summary longer than what it
+            # folds) is refused when memory is full; it wrote nothing: retry later.
+            log.warning("swap of session %r refused: %s", sid, exc)
+            state = await self.release(claim, "retry", "memory full (swap would grow the data)")
+            return Outcome(
+                sid,
+                "dead" if state == "dead" else "retry",
+                tokens_before,
+                summary_ms=summary_ms,
+                swap_attempts=1,
+                note="memory full",
+            )
+        result = _text(reply[0])
+        new_tokens = int(reply[1]) if len(reply) > 1 else 0
+        over = len(reply) > 2 and int(reply[2]) == 1
+        attempts = 1
         if result == "lost":
             return Outcome(
                 sid,
@@ -633,150 +658,38 @@ class Compactor:
             attempts,
         )
 
+    async def _swap_script(
+        self, claim: Claim, plan: CompactionPlan, record: dict[str, Any], new_head: list[str]
+    ) -> Any:
+        """Run swap.lua: verify the lease and the prefix's ids and replace the prefix by
+        ``new_head``, atomically (see lua/swap.lua for why it is lossless and when a full
+        memory refuses it)."""
+        keys = claim.keys
+        return await self._script(
+            "swap",
+            [keys.msgs, keys.meta, keys.ids, keys.queue, keys.running, keys.archive, keys.idlog],
+            [
+                claim.session_id,
+                claim.token,
+                plan.fold_end,
+                plan.tokens_before - plan.tail_tokens,
+                len(new_head),
+                plan.system_tokens + int(record["tokens"]),
+                len(plan.folded) if self.config.archive else 0,
+                self.config.archive_ttl or 0,
+                # One step of a longer fold: queued again while over the policy's target.
+                self.config.policy.target_ratio if plan.partial else 0,
+                record["id"],
+                *new_head,
+                *plan.prefix_ids,
+            ],
+        )
+
     async def _wake(self, session_id: str) -> None:
-        """Publish a wake-up for a session queued again by its swap. After the EXEC, not in
-        the MULTI: a cluster client refuses PUBLISH in a transaction. Best effort: the swap
-        has committed, and the daemons' sweep finds the queued session anyway."""
+        """Publish a wake-up for a session queued again by its swap, after the swap script.
+        Best effort: the swap has committed, and the daemons' sweep finds the queued session
+        anyway."""
         try:
             await self.redis.publish(self.schema.wake_channel, session_id)
         except RedisError as exc:
             log.warning("wake-up for session %r not published: %s", session_id, exc)
-
-    async def _try_swap(
-        self, pipe: Any, claim: Claim, plan: CompactionPlan, record: dict[str, Any]
-    ) -> tuple[str, int, bool]:
-        """One WATCH/MULTI/EXEC try of the swap, on one connection to the slot's owner.
-
-        Returns ``(result, new token count, queued again)``, where result is
-        ``lost`` (the lease token is not ours), ``changed`` (the prefix's ids are not the
-        snapshot's) or ``compacted``. Raises WatchError if the session changed between the
-        WATCH and the EXEC (nothing was written).
-        """
-        keys, sid = claim.keys, claim.session_id
-        new_head = [
-            json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in [*plan.system, record]
-        ]
-        new_head_tokens = plan.system_tokens + int(record["tokens"])
-        old_prefix_tokens = plan.tokens_before - plan.tail_tokens
-        await pipe.watch(keys.meta, keys.msgs)
-        lease, token_count, message_count, limit, ttl = await pipe.hmget(
-            keys.meta, "lease", "token_count", "message_count", "token_limit", "ttl"
-        )
-        if lease is None or _text(lease) != claim.token:
-            await pipe.reset()
-            return "lost", 0, False
-        prefix = await pipe.lrange(keys.msgs, 0, plan.fold_end - 1)
-        ids = [decode_record(item).get("id") for item in prefix]
-        if ids != plan.prefix_ids:
-            await pipe.reset()
-            return "changed", 0, False
-        new_tokens = int(token_count or 0) - old_prefix_tokens + new_head_tokens
-        new_count = int(message_count or 0) - plan.fold_end + len(new_head)
-        # Still over the limit, or one step of a longer fold short of the target: queue again.
-        target = math.floor(self.config.policy.target_ratio * int(limit or 0))
-        over = new_tokens > int(limit or 0) or (plan.partial and new_tokens > target)
-        seconds, micros = await pipe.time()  # the server's clock: it orders the queue
-        now = int(seconds) * 1000 + int(micros) // 1000
-        pipe.multi()
-        pipe.ltrim(keys.msgs, plan.fold_end, -1)
-        pipe.lpush(keys.msgs, *reversed(new_head))
-        # The summary's id is taken (no digest: any message sent with it conflicts).
-        pipe.hset(keys.ids, record["id"], "summary")
-        pipe.rpush(keys.idlog, record["id"])
-        pipe.hset(
-            keys.meta,
-            mapping={
-                "token_count": new_tokens,
-                "message_count": new_count,
-                "head_count": len(new_head),
-                "state": "queued" if over else "idle",
-                "attempts": 0,
-                "updated_at": now,
-                "compacted_at": now,
-                **({"queued_at": now} if over else {}),
-            },
-        )
-        pipe.hincrby(keys.meta, "epoch", 1)
-        pipe.hdel(keys.meta, "lease", "lease_deadline", "last_error", "reflag_above", "force")
-        pipe.zrem(keys.running, sid)
-        if over:
-            pipe.zadd(keys.queue, {sid: now})
-        if self.config.archive:
-            pipe.rpush(
-                keys.archive,
-                *(json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in plan.folded),
-            )
-            # At least as long as the session (whose every write extends it too), or longer.
-            archive_ms = max(int(ttl or 0), (self.config.archive_ttl or 0) * 1000)
-            if archive_ms:
-                pipe.pexpire(keys.archive, archive_ms)
-        if ttl and int(ttl) > 0:
-            for key in (keys.msgs, keys.meta, keys.ids, keys.idlog):
-                pipe.pexpire(key, int(ttl))
-        await pipe.execute()
-        return "compacted", new_tokens, over
-
-
-class _SlotOwner:
-    """A plain ``redis.asyncio.Redis`` on the master owning one key's slot of a cluster, for
-    WATCH/MULTI/EXEC; follows MOVED and waits out ASK/TRYAGAIN/CLUSTERDOWN (see
-    :meth:`Compactor._on_slot_owner`). Each client it hands out is closed before the next one
-    and by :meth:`aclose`: no connection outlives the call, nor the event loop it ran on."""
-
-    def __init__(self, cluster: redis.asyncio.RedisCluster, key: str) -> None:
-        self._cluster = cluster
-        self._key = key
-        self._address: tuple[str, int] | None = None
-        self._template: Any = None  # a ClusterNode: connection class and options
-        self._client: redis.asyncio.Redis | None = None
-        self._deadline: float | None = None
-        self._delay = 0.01
-        self._redirects = 0
-
-    async def client(self) -> redis.asyncio.Redis:
-        if self._client is not None:
-            return self._client
-        if self._address is None or self._template is None:
-            await self._cluster.initialize()
-            node: Any = self._cluster.get_node_from_key(self._key)
-            if node is None:
-                raise ClusterDownError(f"no node serves the slot of {self._key!r}")
-            self._template = node
-            self._address = (str(node.host), int(node.port))
-        host, port = self._address
-        options = dict(self._template.connection_kwargs)
-        options.update(host=host, port=port)
-        pool = redis.asyncio.ConnectionPool(
-            connection_class=self._template.connection_class, **options
-        )
-        self._client = redis.asyncio.Redis.from_pool(pool)
-        return self._client
-
-    async def redirected(self, exc: Exception) -> None:
-        """After a redirect (nothing was written): the next :meth:`client` reaches the new
-        owner; re-raises ``exc`` once :data:`REDIRECT_RETRY_SECONDS` passed."""
-        now = time.monotonic()
-        if self._deadline is None:
-            self._deadline = now + REDIRECT_RETRY_SECONDS
-        if now >= self._deadline:
-            raise exc
-        await self.aclose()
-        self._redirects += 1
-        if isinstance(exc, MovedError) and self._address is not None:
-            # The slot has a new owner: go there (at once, the first time).
-            host = exc.host or self._address[0]
-            remap = getattr(self._cluster.nodes_manager, "remap_host_port", None)
-            address = remap(host, exc.port) if remap is not None else (host, exc.port)
-            self._address = (str(address[0]), int(address[1]))
-            if self._redirects == 1:
-                return
-        elif isinstance(exc, ClusterDownError):
-            self._address = None  # ask the cluster client again
-        # ASK / TRYAGAIN: the slot is migrating; wait for the migration to end (MOVED then).
-        await asyncio.sleep(min(self._delay, max(0.0, self._deadline - now)))
-        self._delay = min(self._delay * 2, 0.2)
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()

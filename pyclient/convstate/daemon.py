@@ -31,11 +31,11 @@ import redis.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from convstate.compactor import Claim, Compactor, CompactorConfig, Outcome, ShardStatus
-from convstate.errors import ConfigurationError, LeaseLostError
+from convstate.errors import OOM_REPLY, ConfigurationError, LeaseLostError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.planner import DEFAULT_MAX_FOLD_TOKENS, CompactionPolicy
 from convstate.sdnotify import SdNotifier
@@ -355,6 +355,9 @@ class Daemon:
         self._timers: set[asyncio.TimerHandle] = set()
         self._sweep_all = False  # set by the listener once subscribed: nothing flagged is missed
         self._sweep_now = asyncio.Event()  # wakes the sweeper at once for _sweep_all
+        # SCAN cursor of the queue repair: None = off. On only when the start-up check saw a
+        # maxmemory-policy that evicts, and not on a cluster (SCAN is per node).
+        self._repair_cursor: int | None = None
         self._background: list[asyncio.Task[None]] = []
         self.http: HealthServer | None = None
         self.started = asyncio.Event()
@@ -535,6 +538,7 @@ class Daemon:
                 for shard in batch:
                     await self._sweep_shard(shard)
                 self._update_depth()
+                await self._repair_step()
             except _REDIS_ERRORS as exc:  # keep sweeping: it is the backstop and the reaper
                 log.warning("sweep failed: %s; retrying at the next tick", exc)
             if self._sweep_all:
@@ -542,6 +546,26 @@ class Daemon:
             self._sweep_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake_sweeper(), timeout=tick)
+
+    async def _repair_step(self) -> None:
+        """One bounded step of the scan that queues again sessions whose queue entry was
+        evicted (see :meth:`Compactor.repair_step`). Runs only under a ``maxmemory-policy``
+        that evicts (seen at start), not on a cluster, and stops once SCAN is refused (an
+        ACL without ``+scan``: logged once)."""
+        if self._repair_cursor is None:
+            return
+        try:
+            self._repair_cursor, repaired = await self.compactor.repair_step(self._repair_cursor)
+        except ResponseError as exc:
+            log.warning(
+                "the sweep cannot scan for sessions whose queue entry was evicted (%s); grant "
+                "+scan to repair them, or run Redis with maxmemory-policy noeviction",
+                exc,
+            )
+            self._repair_cursor = None
+            return
+        for sid in repaired:
+            self.wake(self.schema.shard_of(sid))
 
     async def _wake_sweeper(self) -> None:
         """Return when stopping or when :meth:`sweep_all_soon` asks for a full sweep."""
@@ -625,14 +649,32 @@ class Daemon:
             log.info("stopped")
 
     async def _check_shards(self) -> None:
-        await self.redis.hsetnx(self.schema.config, "shards", self.schema.shards)
-        from convstate.operations import check_shard_config
+        """Check the shard count recorded for the prefix: read first, and record it only when
+        missing, so a daemon starts when Redis memory is full (then it is recorded later by
+        a client). Warn once about a ``maxmemory-policy`` that evicts (nothing is said if
+        CONFIG GET is refused, e.g. by ACL or a managed service)."""
+        from convstate.operations import check_shard_config, eviction_warning
 
-        check_shard_config(
-            await self.redis.hget(self.schema.config, "shards"),
-            self.schema.shards,
-            self.schema.prefix,
-        )
+        config = self.schema.config
+        recorded = await self.redis.hget(config, "shards")
+        if recorded is None:
+            try:
+                await self.redis.hsetnx(config, "shards", self.schema.shards)
+                recorded = await self.redis.hget(config, "shards")
+            except ResponseError as exc:
+                if OOM_REPLY not in str(exc):
+                    raise
+                log.warning("Redis memory is full: the shard count is not recorded yet")
+        if recorded is not None:
+            check_shard_config(recorded, self.schema.shards, self.schema.prefix)
+        try:
+            warning = eviction_warning(await self.redis.config_get("maxmemory-policy"))
+        except RedisError:
+            warning = None
+        if warning:
+            log.warning(warning)
+            if not isinstance(self.redis, redis.asyncio.RedisCluster):
+                self._repair_cursor = 0
 
     async def _drain(self) -> None:
         busy = {t for t, w in self._workers.items() if w.busy}

@@ -69,6 +69,12 @@ class ServerVersionError(ConfigurationError):
     """The Redis server is too old for convstate."""
 
 
+class ScriptNotLoadedError(ConfigurationError):
+    """A convstate script is not in the server's script cache and this user may not load it
+    (no ``+script|load``, the least-privilege app role): an administrator must run
+    ``convstate scripts load`` (after every deploy, restart, failover or SCRIPT FLUSH)."""
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 
@@ -139,6 +145,20 @@ class RecordDecodeError(SessionError):
     convstate >= 0.2 refuses such messages when they are appended, older versions did not)."""
 
 
+class SessionCorruptedError(SessionError):
+    """Some of a session's keys are missing while others remain (evicted by a
+    ``maxmemory-policy`` other than ``noeviction``, or deleted by hand). Nothing was answered
+    or written: the message names the missing key. Delete the session (``delete_session``) or
+    restore it, and run Redis with ``maxmemory-policy noeviction``."""
+
+
+class MemoryFullError(ConvstateError):
+    """Redis refused a write because it is at ``maxmemory`` (``maxmemory-policy
+    noeviction``). Nothing was written; reads and deletes still work, and the compaction
+    daemon keeps folding histories, which frees memory. Retry later, delete sessions you no
+    longer need, or raise ``maxmemory``."""
+
+
 class LeaseLostError(SessionError):
     """A compaction lease expired or was taken over; the holder must not write."""
 
@@ -155,7 +175,23 @@ SCRIPT_ERROR_CODES: dict[str, type[ConvstateError]] = {
     "CS_IDCONFLICT": MessageIdConflictError,
     "CS_LEASE": LeaseLostError,
     "CS_BADARG": ScriptError,
+    "CS_CORRUPT": SessionCorruptedError,
 }
+
+#: What Redis answers a write refused at maxmemory (``-OOM command not allowed when used
+#: memory > 'maxmemory'``; redis-py drops the ``OOM`` code, and Redis 6.2 wraps a script's
+#: refused call in its own error text, so it is searched for).
+OOM_REPLY = "command not allowed when used memory"
+
+
+def memory_full(message: str) -> MemoryFullError:
+    """The typed error for Redis's OOM reply ``message``."""
+    return MemoryFullError(
+        "Redis memory is full (used memory > maxmemory, policy noeviction): the write was "
+        "refused and nothing was stored. Reads, deletes and compaction keep working; retry "
+        "later, delete sessions you no longer need, or raise maxmemory "
+        f"(server said: {message.strip()[:200]})"
+    )
 
 
 def from_script_error(message: str) -> ConvstateError | None:
@@ -164,6 +200,8 @@ def from_script_error(message: str) -> ConvstateError | None:
     Redis prefixes replies of ``redis.error_reply`` differently across versions (some add
     ``ERR`` or the script location), so the code is searched for, not only matched at the start.
     """
+    if OOM_REPLY in message:
+        return memory_full(message)
     for code, cls in SCRIPT_ERROR_CODES.items():
         idx = message.find(code)
         if idx != -1:

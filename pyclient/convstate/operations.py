@@ -904,3 +904,26 @@ def check_shard_config(recorded: Any, shards: int, prefix: str) -> None:
             f"is configured with {shards}; use shards={value} (sessions would otherwise be "
             f"looked up in the wrong shard)"
         )
+
+
+def eviction_warning(reply: Any) -> str | None:
+    """The warning to log for ``CONFIG GET maxmemory-policy``'s reply, or None.
+
+    Any policy other than ``noeviction`` lets Redis evict keys when memory fills: a session
+    that loses one of its keys is reported corrupted
+    (:class:`~convstate.errors.SessionCorruptedError`), and one whose queue entry is evicted
+    waits for the daemon's sweep to queue it again. An empty or odd reply (a managed service
+    that hides the setting) gives None."""
+    if not isinstance(reply, Mapping):
+        return None
+    policy = _text(next(iter(reply.values()), b"")) if reply else ""
+    if not policy or policy == "noeviction":
+        return None
+    which = "with a TTL " if policy.startswith("volatile-") else ""
+    return (
+        f"Redis maxmemory-policy is {policy!r}: when memory fills, Redis evicts keys "
+        f"{which}and a session can lose its messages, meta or id set (convstate then raises "
+        "SessionCorruptedError for it) or its compaction queue entry. Set maxmemory-policy "
+        "noeviction: appends then fail with MemoryFullError while reads, deletes and "
+        "compaction go on."
+    )

