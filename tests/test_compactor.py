@@ -46,7 +46,7 @@ from convstate.errors import LeaseLostError, SessionFullError, SessionNotFoundEr
 from convstate.keys import SessionKeys
 from convstate.operations import DEFAULT_ID_WINDOW
 from convstate.planner import CompactionPolicy
-from convstate.scripts import script_source
+from convstate.scripts import arun_script, script_source
 from convstate.summarizers import (
     OpenAISummarizer,
     Summarizer,
@@ -140,12 +140,14 @@ class RawScripts:
     """The queue scripts called directly, for their exact replies."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(script_source(name)) for name in QUEUE_SCRIPTS
         }
 
     async def __call__(self, name: str, keys: Sequence[str], *args: Any) -> Any:
-        return await self._scripts[name](keys=list(keys), args=list(args))
+        # arun_script: on a server without script flags (Redis 6.2) the flag-less form runs.
+        return await arun_script(self._client, self._scripts[name], list(keys), list(args))
 
 
 @pytest.fixture

@@ -19,7 +19,14 @@ from convstate.errors import ConfigurationError, from_script_error
 from convstate.keys import KeySchema
 from convstate.models import SessionState, ms_to_datetime
 from convstate.operations import Operations, StoreConfig, decode_record, merge_history
-from convstate.scripts import SCRIPT_NAMES, run_script, script_source
+from convstate.scripts import (
+    FLAGS_LINE,
+    SCRIPT_NAMES,
+    run_script,
+    script_source,
+    sha1,
+    without_flags,
+)
 from convstate.verify import VerifyReport, verify_sessions
 
 
@@ -258,15 +265,26 @@ class Admin:
     def _load_on(
         node: redis.Redis, where: str, sources: dict[str, str], expected: dict[str, str]
     ) -> None:
+        """Load every script on ``node``. A server without script flags (Redis 6.2) cannot
+        compile a ``#!lua flags=...`` line: it gets the script's flag-less form
+        (:func:`~convstate.scripts.without_flags`), which the clients try next."""
+        shas = dict(expected)
         for name, src in sources.items():
-            sha = node.script_load(src)
-            if sha != expected[name]:
+            try:
+                sha = node.script_load(src)
+            except redis.ResponseError as exc:
+                if not src.startswith(FLAGS_LINE) or "near '#'" not in str(exc):
+                    raise
+                src = without_flags(src)
+                shas[name] = sha1(src)
+                sha = node.script_load(src)
+            if sha != shas[name]:
                 raise ConfigurationError(
                     f"{where} answered SCRIPT LOAD of {name}.lua with {sha!r}, expected "
-                    f"{expected[name]}: is this a Redis-compatible server?"
+                    f"{shas[name]}: is this a Redis-compatible server?"
                 )
-        present = node.script_exists(*expected.values())
-        missing = [n for n, ok in zip(expected, present, strict=True) if not ok]
+        present = node.script_exists(*shas.values())
+        missing = [n for n, ok in zip(shas, present, strict=True) if not ok]
         if missing:
             raise ConfigurationError(
                 f"{where} does not hold {', '.join(missing)} right after SCRIPT LOAD "

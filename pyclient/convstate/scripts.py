@@ -19,7 +19,9 @@ server without script flags (Redis 6.2, fakeredis) cannot compile that line: the
 then run in its flag-less form (:func:`without_flags`: the shebang becomes a Lua comment), in
 which Redis refuses only a script's *first* write that may grow memory. Each of these scripts
 therefore starts writing with a command that frees memory (ZREM, HDEL), so it runs at
-maxmemory there too. Both forms' SHAs are tried before a script is reported missing.
+maxmemory there too. ``convstate scripts load`` loads the form the server accepts; on a
+NOSCRIPT reply a client tries the other form's SHA before loading anything, so a user
+without ``+script|load`` finds either.
 """
 
 from __future__ import annotations
@@ -91,28 +93,28 @@ def without_flags(source: str) -> str:
     return source
 
 
-def _other_form(source: str) -> str | None:
-    """The other form of a script with flags (flagged <-> flag-less), or None."""
-    if source.startswith(FLAGS_LINE):
-        return without_flags(source)
-    if source.startswith("--" + FLAGS_LINE[2:] + " flags="):
-        return "#!" + source[2:]
-    return None
-
-
 def sha1(source: str) -> str:
     """The SHA1 Redis gives a script's text."""
     return hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
-def _switch_form(script: Script | AsyncScript) -> bool:
-    """Make ``script`` use its other form (see :func:`without_flags`); False if it has none."""
-    other = _other_form(script.script if isinstance(script.script, str) else "")
+@functools.lru_cache(maxsize=64)
+def _flagless(source: str) -> tuple[str, str] | None:
+    """A script with flags: its flag-less text and that text's SHA1; else None."""
+    if not source.startswith(FLAGS_LINE):
+        return None
+    text = without_flags(source)
+    return text, sha1(text)
+
+
+def _other_sha(script: Script | AsyncScript) -> str | None:
+    """The SHA1 of the form of ``script`` it does not use now (flagged <-> flag-less), or
+    None for a script without flags. Only ``script.sha`` ever changes, never its text, so
+    concurrent calls sharing a script object can only ever pick a valid form."""
+    other = _flagless(str(script.script))
     if other is None:
-        return False
-    script.script = other
-    script.sha = sha1(other)
-    return True
+        return None
+    return sha1(str(script.script)) if script.sha == other[1] else other[1]
 
 
 def script_not_loaded(script: Script | AsyncScript) -> ScriptNotLoadedError:
@@ -157,12 +159,12 @@ class Retries:
     """What one script call has retried so far: NOSCRIPT reloads, and the deadline and backoff
     of its cluster retries (created only once something failed: appends never pay for it)."""
 
-    __slots__ = ("cluster_seconds", "deadline", "delay", "reloads", "switches")
+    __slots__ = ("cluster_seconds", "deadline", "delay", "reloads", "tried_other_form")
 
     def __init__(self, cluster_seconds: float) -> None:
         self.cluster_seconds = cluster_seconds
         self.reloads = 0
-        self.switches = 0
+        self.tried_other_form = False
         self.deadline: float | None = None
         self.delay = 0.01
 
@@ -171,10 +173,17 @@ class Retries:
         self.reloads += 1
         return self.reloads <= NOSCRIPT_RELOADS
 
-    def may_switch(self) -> bool:
-        """Whether the script's other form (with / without flags) may still be tried."""
-        self.switches += 1
-        return self.switches <= 2
+    def try_other_form(self, script: Script | AsyncScript) -> bool:
+        """After a NOSCRIPT: once per call, point ``script`` at its other form's SHA (the
+        admin may have loaded that one: a server without flags) and return True, so that
+        EVALSHA is retried before anything is loaded (a user without ``+script|load`` then
+        leaves no refusal in ``ACL LOG``). False for a script without flags, or once tried."""
+        other = None if self.tried_other_form else _other_sha(script)
+        self.tried_other_form = True
+        if other is None:
+            return False
+        script.sha = other
+        return True
 
     def cluster_pause(self) -> float | None:
         """Seconds to wait before retrying a TRYAGAIN / ClusterError, or None: give up."""
@@ -188,19 +197,13 @@ class Retries:
         return pause
 
 
-def _cannot_load(script: Script | AsyncScript, retries: Retries, exc: NoPermissionError) -> None:
-    """SCRIPT LOAD was refused (no ``+script|load``): try the script's other form once (the
-    admin may have loaded it: a server without flags), else raise ScriptNotLoadedError."""
-    if not (retries.may_switch() and _switch_form(script)):
-        raise script_not_loaded(script) from exc
-
-
-def _no_flags_here(script: Script | AsyncScript, exc: ResponseError) -> bool:
-    """After a compile error of the ``#!lua`` line (a server without script flags), switch
-    ``script`` to its flag-less form and return True; False for any other error."""
-    if _FLAGS_UNSUPPORTED in str(exc) and str(script.script).startswith(FLAGS_LINE):
-        return _switch_form(script)
-    return False
+def _flags_unsupported(script: Script | AsyncScript, exc: ResponseError) -> str | None:
+    """After the compile error of a ``#!lua`` line (a server without script flags): the
+    script's flag-less text, to load instead; None for any other error."""
+    other = _flagless(str(script.script))
+    if other is not None and _FLAGS_UNSUPPORTED in str(exc):
+        return other[0]
+    return None
 
 
 def run_script(
@@ -223,16 +226,19 @@ def run_script(
             return client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
             retries = retries or Retries(cluster_retry_seconds)
+            if retries.try_other_form(script):
+                continue
             if not retries.may_reload():
                 raise
             try:
                 script.sha = client.script_load(script.script)
             except NoPermissionError as exc:
-                _cannot_load(script, retries, exc)
+                raise script_not_loaded(script) from exc
             except ResponseError as exc:
-                if not _no_flags_here(script, exc):
+                flagless = _flags_unsupported(script, exc)
+                if flagless is None:
                     raise
-                script.sha = client.script_load(script.script)
+                script.sha = client.script_load(flagless)
         except _NOT_RUN_ON_CLUSTER:
             retries = retries or Retries(cluster_retry_seconds)
             pause = retries.cluster_pause()
@@ -240,8 +246,10 @@ def run_script(
                 raise
             time.sleep(pause)
         except ResponseError as exc:  # fakeredis compiles a script at its first EVALSHA
-            if not _no_flags_here(script, exc):
+            flagless = _flags_unsupported(script, exc)
+            if flagless is None or script.sha == sha1(flagless):
                 raise
+            script.sha = client.script_load(flagless)
 
 
 async def arun_script(
@@ -259,16 +267,19 @@ async def arun_script(
             return await client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
             retries = retries or Retries(cluster_retry_seconds)
+            if retries.try_other_form(script):
+                continue
             if not retries.may_reload():
                 raise
             try:
                 script.sha = await client.script_load(script.script)
             except NoPermissionError as exc:
-                _cannot_load(script, retries, exc)
+                raise script_not_loaded(script) from exc
             except ResponseError as exc:
-                if not _no_flags_here(script, exc):
+                flagless = _flags_unsupported(script, exc)
+                if flagless is None:
                     raise
-                script.sha = await client.script_load(script.script)
+                script.sha = await client.script_load(flagless)
         except _NOT_RUN_ON_CLUSTER:
             retries = retries or Retries(cluster_retry_seconds)
             pause = retries.cluster_pause()
@@ -276,5 +287,7 @@ async def arun_script(
                 raise
             await asyncio.sleep(pause)
         except ResponseError as exc:  # fakeredis compiles a script at its first EVALSHA
-            if not _no_flags_here(script, exc):
+            flagless = _flags_unsupported(script, exc)
+            if flagless is None or script.sha == sha1(flagless):
                 raise
+            script.sha = await client.script_load(flagless)
