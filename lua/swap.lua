@@ -101,10 +101,9 @@ for i = h, 1, -1 do
   redis.call('LPUSH', msgs, ARGV[10 + i])
 end
 -- The summary's id is taken (no digest: any message sent with it conflicts). A session last
--- appended to by convstate 0.1 still has an id SET (append.lua converts it).
-if type(redis.pcall('HSET', ids, ARGV[10], 'summary')) == 'table' then  -- WRONGTYPE
-  redis.call('SADD', ids, ARGV[10])
-else
+-- appended to by convstate 0.1 still has an id SET (WRONGTYPE here): the summary's random id
+-- is left out of it, and append.lua takes the set over into the hash at the next append.
+if type(redis.pcall('HSET', ids, ARGV[10], 'summary')) == 'number' then
   redis.call('RPUSH', idlog, ARGV[10])
 end
 redis.call('HSET', meta, 'token_count', token_count, 'message_count', message_count,

@@ -49,9 +49,10 @@ from convstate.cli import main as cli_main
 from convstate.compactor import Compactor, CompactorConfig
 from convstate.daemon import Daemon, DaemonSettings, redact_url
 from convstate.embedded import LocalCluster
-from convstate.errors import MessageTooLargeError, SessionFullError
+from convstate.errors import MessageTooLargeError, ScriptNotLoadedError, SessionFullError
 from convstate.keys import KeySchema
 from convstate.planner import CompactionPolicy
+from convstate.scripts import without_flags
 from convstate.summarizers import ExtractiveSummarizer, Summary, SummaryRequest
 from convstate.tokens import TiktokenCounter
 from tests.processes import clean_env
@@ -88,12 +89,31 @@ DAEMON_POLICY: dict[str, Any] = {
 #: What redis-py sends on every new connection and ignores when refused (see docs/security.md).
 CONNECTION_NOISE = frozenset({"client", "client|setinfo", "client|maint_notifications"})
 
+#: What the documented app user is refused on purpose (docs/security.md): the clients' and the
+#: daemon's start-up CONFIG GET maxmemory-policy.
+EXPECTED_REFUSALS = ["toplevel:config"]
+
 
 #: SHA1 of every shipped script, computed here from the repository's lua/.
 SCRIPT_SHAS = [
     hashlib.sha1(f.read_bytes()).hexdigest()
     for f in sorted((Path(__file__).resolve().parent.parent / "lua").glob("*.lua"))
 ]
+#: The same, in the form a server without script flags (Redis 6.2) is given.
+FLAGLESS_SHAS = [
+    hashlib.sha1(without_flags(f.read_text()).encode()).hexdigest()
+    for f in sorted((Path(__file__).resolve().parent.parent / "lua").glob("*.lua"))
+]
+
+
+def scripts_loaded(client: redis.Redis) -> bool:
+    """Whether ``client``'s node holds every shipped script, in one form or the other."""
+    return all(
+        a or b
+        for a, b in zip(
+            client.script_exists(*SCRIPT_SHAS), client.script_exists(*FLAGLESS_SHAS), strict=True
+        )
+    )
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -125,12 +145,26 @@ def documented_acl_lines() -> list[str]:
     return lines
 
 
+def documented_admin_lines() -> list[str]:
+    """Every ``ACL SETUSER convstate-admin ...`` line of docs/security.md, in order (the
+    standalone line, then the cluster line)."""
+    lines = [
+        line.strip()
+        for line in SECURITY_DOC.read_text().splitlines()
+        if line.strip().startswith("ACL SETUSER convstate-admin ")
+    ]
+    assert len(lines) == 2, f"no 'ACL SETUSER convstate-admin' lines in {SECURITY_DOC}"
+    return lines
+
+
 def acl_rules(line: str, *, user: str, password: str, prefix: str) -> list[str]:
     """The ``ACL SETUSER`` arguments of a documented line, for ``user`` and ``prefix``."""
     words = line.split()
-    assert words[:3] == ["ACL", "SETUSER", "convstate"], line
+    assert words[:2] == ["ACL", "SETUSER"], line
+    assert words[2] in ("convstate", "convstate-admin"), line
     placeholders = {
         ">change-me": f">{password}",
+        ">change-me-too": f">{password}",
         "~cs:*": f"~{prefix}:*",
         "&cs:wake": f"&{prefix}:wake",
     }
@@ -152,6 +186,16 @@ class AclUser:
     def url(self) -> str:
         return f"redis://{self.name}:{self.password}@{self.host}:{self.port}/0"
 
+    @property
+    def admin_url(self) -> str:
+        """The documented admin role's user (``<name>-admin``, same password)."""
+        return f"redis://{self.name}-admin:{self.password}@{self.host}:{self.port}/0"
+
+    def load_scripts(self) -> None:
+        """``convstate scripts load`` as the documented admin role, as a deploy runs it."""
+        code, out = run_cli("scripts", "load", "--redis-url", self.admin_url)
+        assert code == 0, out
+
     def client(self) -> redis.Redis:
         return redis.Redis(
             host=self.host,
@@ -162,11 +206,12 @@ class AclUser:
         )
 
     def refusals(self) -> list[str]:
-        """``ACL LOG`` entries of this user (``context:object``), connection noise left out."""
+        """``ACL LOG`` entries of this user (``context:command``, without the subcommand,
+        which Redis 6.2 does not log), connection noise left out."""
         entries: list[dict[str, Any]] = self.admin.acl_log(count=1000)
         return sorted(
             {
-                f"{e['context']}:{e['object']}"
+                f"{e['context']}:{str(e['object']).split('|')[0]}"
                 for e in entries
                 if e.get("username") == self.name and e["object"] not in CONNECTION_NOISE
             }
@@ -182,7 +227,9 @@ def create_acl_user(
     password: str | None = None,
 ) -> AclUser:
     """Run the documented line(s) for a user on ``prefix`` (the first line is the standalone
-    one; ``cluster`` adds the cluster line) and reset ``ACL LOG``."""
+    one; ``cluster`` adds the cluster line), and the admin role's for ``<user>-admin``, and
+    reset ``ACL LOG``. Standalone: the admin then loads the scripts (``convstate scripts
+    load``), which the app user cannot."""
     lines = documented_acl_lines()
     user = name or f"convstate-{prefix}"
     password = password or secrets.token_urlsafe(16)
@@ -192,9 +239,15 @@ def create_acl_user(
     for line in lines[: 2 if cluster else 1]:
         rules = acl_rules(line, user=user, password=password, prefix=prefix)
         command(admin, "ACL", "SETUSER", *rules)
-    command(admin, "ACL", "LOG", "RESET")
+    for line in documented_admin_lines()[: 2 if cluster else 1]:
+        rules = acl_rules(line, user=f"{user}-admin", password=password, prefix=prefix)
+        command(admin, "ACL", "SETUSER", *rules)
     kwargs = admin.connection_pool.connection_kwargs
-    return AclUser(user, password, prefix, str(kwargs["host"]), int(kwargs["port"]), admin)
+    acl_user = AclUser(user, password, prefix, str(kwargs["host"]), int(kwargs["port"]), admin)
+    if not cluster:
+        acl_user.load_scripts()
+    command(admin, "ACL", "LOG", "RESET")
+    return acl_user
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +263,7 @@ def acl_user(acl_server: RedisServer, prefix: str) -> Iterator[AclUser]:
     try:
         yield user
     finally:
-        command(admin, "ACL", "DELUSER", user.name)
+        command(admin, "ACL", "DELUSER", user.name, f"{user.name}-admin")
         admin.close()
 
 
@@ -236,7 +289,10 @@ def test_documented_acl_runs_the_clients_and_the_operator_cli(acl_user: AclUser)
         assert (state.meta.state, state.context) == ("queued", {"user": "u-17"})
         assert len(store.get_messages("acl-1")) == len(sent) + 1
         assert store.exists("acl-1")
-        u.admin.script_flush()  # the next call gets NOSCRIPT and loads the script again
+        u.admin.script_flush()  # a restart or failover: the app user may not load scripts
+        with pytest.raises(ScriptNotLoadedError, match="run `convstate scripts load`"):
+            store.append("acl-1", turn("acl-1", 99))
+        u.load_scripts()
         assert store.append("acl-1", turn("acl-1", 99)).stored == 1
         with ConversationStore.from_url(
             u.url,
@@ -272,7 +328,8 @@ def test_documented_acl_runs_the_clients_and_the_operator_cli(acl_user: AclUser)
 
         asyncio.run(async_flow())
 
-        u.admin.script_flush()  # the CLI's pipelined scripts: SCRIPT EXISTS, then SCRIPT LOAD
+        u.admin.script_flush()
+        u.load_scripts()  # the CLI's pipelined scripts: SCRIPT EXISTS finds them
         conn = ["--redis-url", u.url, "--prefix", u.prefix, "--shards", str(SHARDS)]
         code, out = run_cli("stats", *conn)
         assert code == 0, out
@@ -285,12 +342,15 @@ def test_documented_acl_runs_the_clients_and_the_operator_cli(acl_user: AclUser)
         code, out = run_cli("requeue", "--all", *conn)
         assert code == 0, out
         u.admin.script_flush()
-        code, out = run_cli("scripts", "load", *conn)
+        code, out = run_cli("scripts", "load", *conn)  # the app user may not
+        assert code != 0, out
+        assert not any(u.admin.script_exists(*SCRIPT_SHAS, *FLAGLESS_SHAS)), out
+        code, out = run_cli("scripts", "load", *conn[:1], u.admin_url, *conn[2:])
         assert code == 0, out
-        assert all(u.admin.script_exists(*SCRIPT_SHAS)), out
+        assert scripts_loaded(u.admin), out
         assert store.delete_session("acl-1")
         assert store.delete_session("acl-2")
-    assert u.refusals() == []
+    assert u.refusals() == [*EXPECTED_REFUSALS, "toplevel:script"]
 
 
 async def test_documented_acl_runs_the_daemon(acl_user: AclUser) -> None:
@@ -338,7 +398,7 @@ async def test_documented_acl_runs_the_daemon(acl_user: AclUser) -> None:
         # never shorter than its session's TTL (3600 s), whatever --archive-ttl says
         assert 3000 < int(u.admin.ttl(archive)) <= 3600
         store.delete_session(sid)
-    assert u.refusals() == []
+    assert u.refusals() == EXPECTED_REFUSALS
 
 
 async def eventually(
@@ -430,7 +490,7 @@ async def test_documented_acl_covers_retry_lease_expiry_requeue_and_fencing(
     finally:
         await user_client.aclose()
         await admin.aclose()
-    assert u.refusals() == []
+    assert u.refusals() == EXPECTED_REFUSALS
 
 
 def test_acl_user_cannot_touch_keys_outside_its_prefix(acl_user: AclUser) -> None:
@@ -463,11 +523,13 @@ def test_acl_user_cannot_touch_keys_outside_its_prefix(acl_user: AclUser) -> Non
         for call in not_granted:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 call()
-        # A script it loads itself is confined too: keys passed in KEYS are checked before
-        # it runs, and every redis.call() inside it as it runs.
-        delete_key = c.script_load("return redis.call('DEL', KEYS[1])")
-        delete_other = c.script_load("return redis.call('DEL', 'other:key')")
-        get_own = c.script_load(f"return redis.call('GET', '{u.prefix}:k')")
+        # It may not load a script; one in the cache is confined too: keys passed in KEYS are
+        # checked before it runs, and every redis.call() inside it as it runs.
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            c.script_load("return 1")
+        delete_key = u.admin.script_load("return redis.call('DEL', KEYS[1])")
+        delete_other = u.admin.script_load("return redis.call('DEL', 'other:key')")
+        get_own = u.admin.script_load(f"return redis.call('GET', '{u.prefix}:k')")
         with pytest.raises(redis.exceptions.NoPermissionError):
             c.evalsha(delete_key, 1, "other:key")
         for sha in (delete_other, get_own):
@@ -495,6 +557,8 @@ ADMIN_COMMANDS: list[list[str]] = [
     ["SCAN", "0"],
     ["SCRIPT", "FLUSH"],
     ["SCRIPT", "KILL"],
+    ["SCRIPT", "LOAD", "return redis.log(redis.LOG_WARNING, string.rep('x', 1000))"],
+    ["EVAL", "return 1", "0"],
     ["DEBUG", "SLEEP", "0"],
     ["SHUTDOWN", "NOSAVE"],
     ["ACL", "LIST"],
@@ -549,7 +613,7 @@ def test_acl_user_cannot_use_other_channels(acl_user: AclUser) -> None:
                 subscribe(c, channel)
         with pytest.raises(redis.exceptions.NoPermissionError):
             subscribe(c, "*", pattern=True)
-        sha = c.script_load("return redis.call('PUBLISH', 'other', 'x')")
+        sha = u.admin.script_load("return redis.call('PUBLISH', 'other', 'x')")
         with pytest.raises(redis.ResponseError, match=r"(?i)user executing the script|ACL"):
             c.evalsha(sha, 0)
         assert subscribe(c, f"{u.prefix}:wake") == "subscribe"
@@ -574,6 +638,8 @@ async def test_documented_acl_on_a_cluster(prefix: str) -> None:
                 ]
             )
             url = first.url
+            code, out = run_cli("scripts", "load", "--cluster", "--redis-url", first.admin_url)
+            assert code == 0, out
             settings = DaemonSettings(
                 redis_url=url,
                 cluster=True,
@@ -615,13 +681,12 @@ async def test_documented_acl_on_a_cluster(prefix: str) -> None:
                 await asyncio.wait_for(task, 10)
             for admin in admins:
                 admin.script_flush()
-            code, out = run_cli("scripts", "load", "--cluster", "--redis-url", url)
+            code, out = run_cli("scripts", "load", "--cluster", "--redis-url", first.admin_url)
             assert code == 0, out
             assert f"on {len(admins)} node(s)" in out, out
-            assert all(all(admin.script_exists(*SCRIPT_SHAS)) for admin in admins)
-            assert {user.port: user.refusals() for user in users} == {
-                user.port: [] for user in users
-            }
+            assert all(scripts_loaded(admin) for admin in admins)
+            for user in users:  # at most the start-up CONFIG GET, wherever it went
+                assert set(user.refusals()) <= set(EXPECTED_REFUSALS), (user.port, user.refusals())
         finally:
             for admin in admins:
                 admin.close()
@@ -666,7 +731,7 @@ async def test_daemon_reports_a_refused_subscribe(
             daemon.request_stop()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
-            command(admin, "ACL", "DELUSER", u.name)
+            command(admin, "ACL", "DELUSER", u.name, f"{u.name}-admin")
 
 
 async def test_daemon_reports_a_refused_sweep(
@@ -693,7 +758,7 @@ async def test_daemon_reports_a_refused_sweep(
         finally:
             daemon.request_stop()
             await asyncio.wait_for(task, 10)
-            command(admin, "ACL", "DELUSER", u.name)
+            command(admin, "ACL", "DELUSER", u.name, f"{u.name}-admin")
 
 
 def test_a_refused_wait_raises_the_redis_error(acl_server: RedisServer, prefix: str) -> None:
@@ -713,7 +778,7 @@ def test_a_refused_wait_raises_the_redis_error(acl_server: RedisServer, prefix: 
             ):
                 store.append("w", {"role": "user", "content": "hi"}, create=True)
         finally:
-            command(admin, "ACL", "DELUSER", u.name)
+            command(admin, "ACL", "DELUSER", u.name, f"{u.name}-admin")
 
 
 # -- 2. TLS ------------------------------------------------------------------------------------
