@@ -191,6 +191,9 @@ BEYOND_THE_SOAK = (
     ),
 )
 
+#: What tests/test_memory.py proves (memory full, eviction): hand-written, kept with the report.
+MEMORY_SECTION = (Path(__file__).resolve().parent / "reliability_memory.md").read_text().rstrip()
+
 
 def render(result: SoakResult, command: str, when: datetime.datetime) -> str:
     """The Markdown report of one soak."""
@@ -325,7 +328,7 @@ def render(result: SoakResult, command: str, when: datetime.datetime) -> str:
         "deployment.",
         "",
         "The archive is the list of folded originals a daemon started with `--archive` keeps "
-        "per session, appended in the same `MULTI` as the swap that folds them; so archive + "
+        "per session, appended in the same script as the swap that folds them; so archive + "
         "list is the session's whole history in order, and an acknowledged id must occur in "
         "it exactly once.",
         "",
@@ -333,6 +336,8 @@ def render(result: SoakResult, command: str, when: datetime.datetime) -> str:
         "(`pytest tests/reliability -m reliability`), with a negative control that corrupts a "
         "state on purpose and expects each violation to be reported.",
         *BEYOND_THE_SOAK,
+        "",
+        MEMORY_SECTION,
     ]
     return "\n".join(lines) + "\n"
 
