@@ -725,7 +725,9 @@ async def test_swap_sees_an_append_when_the_slot_moves_between_watch_and_exec(
     computed before that append: its EXEC fails and it retries (or it gives up). (redis-py's
     asyncio cluster transaction follows the MOVED of the read after WATCH on a fresh
     connection to the new owner, where nothing is watched.) The WATCH and the EXEC are
-    spotted on the wire, so any WATCH/MULTI implementation meets the same race."""
+    spotted on the wire, so any WATCH/MULTI implementation meets the same race. Since the
+    swap is one script (lua/swap.lua) there is no WATCH to race, and the test checks that the
+    totals still match the stored records."""
     prefix, schema, (sid,), slot, source, target = moving_shard(cluster, 12, 1, "race")
     keys = schema.session(sid)
     client, store, compactor = async_store_and_compactor(cluster.url, schema)
