@@ -1033,7 +1033,9 @@ def valid_argv(data: st.DataObject, name: str, sid: str, channel: str) -> list[A
     if name == "swap":  # the prefix ids are not the stored ones: "changed", or "lost"
         token = data.draw(st.sampled_from([LEASE, "other"]), label="token")
         head = record_body(data, data.draw(ints, label="tokens"), "system", "sum-1")
-        return [sid, token, 1, data.draw(ints), 1, data.draw(ints), 0, 0, "sum-1", head, "m1"]
+        ratio = data.draw(st.sampled_from([0, 0.5]), label="ratio")
+        tokens = [data.draw(ints), data.draw(ints)]
+        return [sid, token, 1, tokens[0], 1, tokens[1], 0, 0, ratio, "sum-1", head, "m1"]
     assert name == "peek"
     return []
 
@@ -1286,7 +1288,7 @@ def template_argvs(name: str, sid: str, channel: str) -> list[list[Any]]:
         "requeue": [[sid, channel, which] for which in ("any", "dead")],
         "peek": [[]],
         "swap": [
-            [sid, token, 1, 10, 1, 5, archive, 0, "sum-1", sum_body, "m1"]
+            [sid, token, 1, 10, 1, 5, archive, 0, 0.5, "sum-1", sum_body, "m1"]
             for token in (LEASE, "other")
             for archive in (0, 1)
         ],

@@ -121,6 +121,8 @@ def test_a_fresh_client_reads_and_deletes_when_memory_is_full(
         with pytest.raises(MemoryFullError, match="memory is full"):
             fresh.append("new", turn("new", 0), create=True)
         with pytest.raises(MemoryFullError):
+            fresh.append_and_get_context("keep", turn("keep", 3))
+        with pytest.raises(MemoryFullError):
             fresh.create_session("new2", system="hi")
         with pytest.raises(MemoryFullError):
             fresh.update_context("keep", {"topic": "x"}, replace=True)

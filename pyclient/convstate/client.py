@@ -31,7 +31,13 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from convstate.errors import OOM_REPLY, ConfigurationError, ConvstateError, from_script_error
+from convstate.errors import (
+    OOM_REPLY,
+    ConfigurationError,
+    ConvstateError,
+    MemoryFullError,
+    from_script_error,
+)
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.models import AppendResult, SessionState, Turn
 from convstate.operations import (
@@ -585,16 +591,20 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         On a standalone server the read is one MULTI of plain commands (the session's
         counters, its head and its newest records) and the window is cut client-side with
         read.lua's rule; read.lua answers when that snapshot cannot (see
-        :mod:`convstate.window`). On a cluster, read.lua answers.
+        :mod:`convstate.window`) and when Redis memory is full (it then refuses every command
+        queued in a MULTI). On a cluster, read.lua answers.
         """
         if isinstance(self.redis, redis.asyncio.RedisCluster):
             return await self._run(self.ops.context_window(session_id, budget))
         snap = self.ops.context_snapshot(session_id, budget)
-        with _typed_errors():
-            async with self.client() as client:
-                if not self._config_checked:
-                    await self._check_config(client)
-                messages = snap.decode(await atransaction(client, snap.commands))
+        try:
+            with _typed_errors():
+                async with self.client() as client:
+                    if not self._config_checked:
+                        await self._check_config(client)
+                    messages = snap.decode(await atransaction(client, snap.commands))
+        except MemoryFullError:
+            messages = None  # a full Redis refuses every command queued in a MULTI: read.lua
         if messages is None:
             return await self._run(snap.fallback())
         return messages
@@ -886,10 +896,13 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         if isinstance(self.redis, redis.RedisCluster):
             return self._run(self.ops.context_window(session_id, budget))
         snap = self.ops.context_snapshot(session_id, budget)
-        with _typed_errors():
-            if not self._config_checked:
-                self._check_config()
-            messages = snap.decode(transaction(self.redis, snap.commands))
+        try:
+            with _typed_errors():
+                if not self._config_checked:
+                    self._check_config()
+                messages = snap.decode(transaction(self.redis, snap.commands))
+        except MemoryFullError:
+            messages = None  # a full Redis refuses every command queued in a MULTI: read.lua
         if messages is None:
             return self._run(snap.fallback())
         return messages
