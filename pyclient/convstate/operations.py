@@ -922,7 +922,7 @@ def eviction_warning(reply: Any) -> str | None:
     which = "with a TTL " if policy.startswith("volatile-") else ""
     return (
         f"Redis maxmemory-policy is {policy!r}: when memory fills, Redis evicts keys "
-        f"{which}and a session can lose its messages, meta or id set (convstate then raises "
+        f"{which}and a session can lose its messages, meta or id hash (convstate then raises "
         "SessionCorruptedError for it) or its compaction queue entry. Set maxmemory-policy "
         "noeviction: appends then fail with MemoryFullError while reads, deletes and "
         "compaction go on."
