@@ -158,6 +158,46 @@ def test_cut_of_a_full_snapshot_is_read_luas_reply(
     assert got.head_count == len(want[1])
 
 
+@pytest.mark.parametrize("decode", [False, True])
+def test_cut_reads_counts_as_read_lua_does(
+    store: ConversationStore, r: redis.Redis, redis_url: str, decode: bool
+) -> None:
+    """The counts the prefix holds are parsed together: leading zeros (which JSON refuses)
+    are read as read.lua's tonumber reads them, and a count past 2**52 leaves the answer to
+    read.lua (the cut declines), for bytes and str replies alike."""
+    sid = f"z{secrets.token_hex(4)}"
+    store.create_session(sid, system="Sys.")
+    store.append_many(sid, [{"role": "user", "content": f"m{i}"} for i in range(4)])
+    keys = store.ops.session_keys(sid)
+    client = redis.Redis.from_url(redis_url, decode_responses=decode)
+
+    def both(budget: int) -> tuple[Any, Any]:
+        pipe = client.pipeline(transaction=True)
+        for command in snapshot_commands(keys, head_guess=10, tail=10):
+            pipe.execute_command(*command)
+        meta, llen, head, tail = pipe.execute()
+        return cut(meta, llen, head, tail, budget, 3), read_lua(store, sid, budget)
+
+    try:
+        raw = r.lindex(keys.msgs, 2)
+        assert raw is not None
+        r.lset(keys.msgs, 2, raw.replace(b'{"tokens":', b'{"tokens":000', 1))
+        for budget in (12, 20, 30, 1000):
+            got, want = both(budget)
+            assert got is not None
+            assert (got.used, got.records) == (
+                int(want[3]),
+                [x.decode() if decode else x for x in [*want[1], *want[2]]],
+            )
+        huge = str(2**52 + 1).encode()
+        r.lset(keys.msgs, 3, b'{"tokens":' + huge + b',"role":"user","content":"x"}')
+        got, want = both(2**53 - 1)
+        assert got is None
+        assert want[0] == b"OK"
+    finally:
+        client.close()
+
+
 def expected_context(store: ConversationStore, sid: str, budget: int) -> Any:
     """read.lua's answer as get_context returns it, or the BudgetTooSmallError text."""
     reply = read_lua(store, sid, budget)

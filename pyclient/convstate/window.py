@@ -22,7 +22,10 @@ import re
 from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
+from operator import itemgetter
 from typing import Any, NamedTuple
+
+import msgspec
 
 from convstate.keys import SessionKeys
 
@@ -99,18 +102,31 @@ def _cost(raw: bytes | str) -> tuple[int, bool] | None:
     return tokens, match[2] in (b"tool", "tool")
 
 
+#: Token counts as one JSON array of the digits the prefix matched (one C call for them all).
+_INTS = msgspec.json.Decoder(list[int])
+_GROUP_1 = itemgetter(1)
+
+
 def _costs(records: list[bytes | str]) -> tuple[list[int], list[Any]] | None:
     """Each record's tokens and its prefix match (group 2: the role), or None if any record
-    lacks the prefix (read.lua must decode it) or has a count past :data:`_MAX_FAST_TOKENS`."""
+    lacks the prefix (read.lua must decode it). Per record only the C-level prefix match: the
+    counts are parsed as one JSON array (a count with leading zeros, which JSON refuses,
+    is parsed by ``int`` as read.lua's ``tonumber`` reads it)."""
     if not records:
         return [], []
     pattern: Any = _COST if type(records[0]) is bytes else _COST_STR
     matches = list(map(pattern.match, records))
     if None in matches:
         return None
-    tokens = [int(m[1]) for m in matches]
-    if max(tokens) > _MAX_FAST_TOKENS:
-        return None
+    digits: Any = list(map(_GROUP_1, matches))
+    try:
+        tokens = _INTS.decode(
+            b"[%b]" % b",".join(digits)
+            if type(digits[0]) is bytes
+            else "[" + ",".join(digits) + "]"
+        )
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        tokens = list(map(int, digits))
     return tokens, matches
 
 
@@ -164,6 +180,8 @@ def cut(
     tokens, matches = costs
     # read.lua takes records while they fit: the longest prefix whose running sum fits.
     sums = list(accumulate(tokens))
+    if sums and sums[-1] > _MAX_FAST_TOKENS:
+        return None  # counts this large go to read.lua (see _MAX_FAST_TOKENS)
     fits = bisect_right(sums, budget - used)
     if fits == len(candidates) and not complete:
         return None  # the window may reach past what was fetched
