@@ -17,15 +17,15 @@ The first reply is read with ``read_response`` (which waits for the socket, with
 The server answers the whole block at once, so the other replies are then nearly always in the
 hiredis reader's buffer already: they are taken from it directly (``gets``, about 0.1 us each
 instead of the 3-5 us of redis-py's per-reply layers), errors handled as redis-py's parser does.
-A reply not yet complete in the buffer, a RESP3 connection (whose push frames only
-``read_response`` knows how to route), or a parser without a hiredis reader: ``read_response``
-reads it, as before.
+A RESP3 push frame found there is handed to the parser's ``handle_push_response``, as
+``read_response`` would; a reply not yet complete in the buffer, or a parser without a hiredis
+reader: ``read_response`` reads it, as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 import redis
@@ -72,28 +72,45 @@ def _pack(conn: Any, wire: list[Command]) -> list[bytes]:
     return [b"".join([pack(tuple(command)) for command in wire])]
 
 
-def _buffered_reader(conn: Any) -> Any:
-    """The connection's hiredis reader, when replies may be taken from its buffer directly:
-    a RESP2 connection whose parser keeps one (redis-py's ``_HiredisParser`` and
-    ``_AsyncHiredisParser``), else None."""
-    if _NOT_ENOUGH_DATA is None or conn.protocol in (3, "3"):
+class _Buffer(NamedTuple):
+    """A connection's parser and its hiredis reader, and the type of RESP3 push frames."""
+
+    parser: Any
+    reader: Any
+    push: Any
+
+
+def _buffer(conn: Any) -> _Buffer | None:
+    """Where replies may be taken from directly: redis-py's ``_HiredisParser`` or
+    ``_AsyncHiredisParser`` of ``conn`` and its reader; None (use ``read_response``) for
+    another parser, after a disconnect, or on RESP3 with a hiredis that does not mark push
+    frames (redis-py cannot tell them from replies either)."""
+    if _NOT_ENOUGH_DATA is None:
         return None
     parser = getattr(conn, "_parser", None)
-    if not getattr(parser, "_connected", True):  # (the async parser, after a disconnect)
+    if parser is None or not getattr(parser, "_connected", True):  # (async: disconnected)
         return None
-    return getattr(parser, "_reader", None)
+    reader = getattr(parser, "_reader", None)
+    push = getattr(parser, "_hiredis_PushNotificationType", None)
+    if reader is None or (push is None and conn.protocol in (3, "3")):
+        return None
+    return _Buffer(parser, reader, push)
 
 
-def _buffered(reader: Any) -> Any:
-    """The next reply if the reader holds all of it, else :data:`_NOT_ENOUGH_DATA`. An error
-    reply is returned as its exception instance; a connection error (LOADING, MASTERDOWN) is
-    raised, as redis-py's parser raises it."""
-    reply = reader.gets(False)
+def _buffered(buffer: _Buffer) -> Any:
+    """The next reply or push frame if the reader holds all of it, else
+    :data:`_NOT_ENOUGH_DATA`. An error reply is returned as its exception instance; a
+    connection error (LOADING, MASTERDOWN) is raised, as redis-py's parser raises it."""
+    reply = buffer.reader.gets(False)
     if isinstance(reply, RedisConnectionError):
         raise reply
     if isinstance(reply, list) and reply and isinstance(reply[0], RedisConnectionError):
         raise reply[0]
     return reply
+
+
+def _is_push(buffer: _Buffer, reply: Any) -> bool:
+    return buffer.push is not None and isinstance(reply, buffer.push)
 
 
 def _exec_reply(replies: list[Any]) -> list[Any]:
@@ -147,10 +164,14 @@ def _raw_send(client: redis.Redis, wire: list[Command]) -> list[Any]:
     try:
         conn.send_packed_command(_pack(conn, wire))
         replies: list[Any] = []
-        reader = None
-        for _ in wire:
-            if reader is not None:
-                reply = _buffered(reader)
+        buffer = None
+        while len(replies) < len(wire):
+            if buffer is not None:
+                reply = _buffered(buffer)
+                if _is_push(buffer, reply):  # routed as read_response routes it
+                    buffer.parser.handle_push_response(reply)
+                    buffer = _buffer(conn)
+                    continue
                 if reply is not _NOT_ENOUGH_DATA:
                     replies.append(reply)
                     continue
@@ -158,7 +179,7 @@ def _raw_send(client: redis.Redis, wire: list[Command]) -> list[Any]:
                 replies.append(conn.read_response(disable_decoding=True))
             except ResponseError as exc:
                 replies.append(exc)
-            reader = _buffered_reader(conn)
+            buffer = _buffer(conn)
         return replies
     except _CONNECTION_ERRORS as exc:
         conn.disconnect()
@@ -202,10 +223,14 @@ async def _araw_send(client: redis.asyncio.Redis, wire: list[Command]) -> list[A
     try:
         await conn.send_packed_command(_pack(conn, wire))
         replies: list[Any] = []
-        reader = None
-        for _ in wire:
-            if reader is not None:
-                reply = _buffered(reader)
+        buffer = None
+        while len(replies) < len(wire):
+            if buffer is not None:
+                reply = _buffered(buffer)
+                if _is_push(buffer, reply):  # routed as read_response routes it
+                    await buffer.parser.handle_push_response(reply)
+                    buffer = _buffer(conn)
+                    continue
                 if reply is not _NOT_ENOUGH_DATA:
                     replies.append(reply)
                     continue
@@ -213,7 +238,7 @@ async def _araw_send(client: redis.asyncio.Redis, wire: list[Command]) -> list[A
                 replies.append(await conn.read_response(disable_decoding=True))
             except ResponseError as exc:
                 replies.append(exc)
-            reader = _buffered_reader(conn)
+            buffer = _buffer(conn)
         return replies
     except _CONNECTION_ERRORS as exc:
         await conn.disconnect(nowait=True)
