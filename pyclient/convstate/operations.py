@@ -18,6 +18,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgspec
 
+from convstate import window
 from convstate.errors import (
     BudgetTooSmallError,
     ConfigurationError,
@@ -297,11 +298,10 @@ def api_messages(records: Iterable[bytes | str]) -> list[dict[str, Any]]:
     order. What msgspec refuses (a record that is not an object, a number over 1e308) goes
     through ``json.loads`` and :func:`to_api_message`.
     """
-    raws = list(records)
-    decode = _API_DECODER.decode
+    raws = records if type(records) is list else list(records)
     try:
         try:  # each record on its own: a malformed one raises, as json.loads would
-            out: list[dict[str, Any]] = msgspec.to_builtins([decode(raw) for raw in raws])
+            out: list[dict[str, Any]] = msgspec.to_builtins(list(map(_API_DECODER.decode, raws)))
             return out
         except (msgspec.DecodeError, msgspec.ValidationError):
             return [to_api_message(json.loads(raw)) for raw in raws]
@@ -401,8 +401,6 @@ class SnapshotRead:
     commands: list[tuple[str | int, ...]]
 
     def decode(self, replies: Sequence[Any]) -> list[dict[str, Any]] | None:
-        from convstate import window
-
         meta, llen, head_part, tail_part = replies
         for reply in replies:
             if isinstance(reply, Exception):
@@ -804,8 +802,6 @@ class Operations:
     ) -> SnapshotRead:
         """The read of :meth:`context_window` as plain commands for one MULTI (after an
         append of ``appended`` messages, if any), cut here by :mod:`convstate.window`."""
-        from convstate import window  # window imports this module
-
         keys = self.schema.session(session_id)
         if budget is not None:
             check_positive_int(budget, "budget")
