@@ -272,3 +272,47 @@ def test_invalid_message_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="role"):
         validate_message({"role": "x", "content": "y"})
     assert issubclass(InvalidMessageError, ValueError)
+
+
+_JSON_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**60), 2**60),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=5),
+)
+_JSON = st.recursive(
+    _JSON_LEAF,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    extra=st.dictionaries(
+        st.sampled_from(["a", "zeta", "B", "é", "context", "cz"]),
+        _JSON,
+        max_size=4,
+    ),
+    content_first=st.booleans(),
+)
+def test_digest_is_the_sorted_keys_json_whatever_the_shortcut(
+    extra: dict[str, Any], content_first: bool
+) -> None:
+    """A message whose JSON is already canonical (keys in order, scalar values) is digested
+    from the encoding it was stored with, not encoded twice: the digest is still exactly the
+    blake2b of the role and the sorted-keys JSON, for any key order and nesting."""
+    import hashlib
+
+    message = {"role": "user", "content": "hi", **extra}
+    if not content_first:
+        message["content"] = message.pop("content")  # last: keys out of order
+    encoded = ops().encode_message(message, 1)
+    rest = {k: v for k, v in message.items() if k != "role"}
+    canonical = json.dumps(
+        rest, ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True
+    )
+    want = hashlib.blake2b(f"user\n{canonical}".encode(), digest_size=8).hexdigest()
+    assert encoded.digest == want

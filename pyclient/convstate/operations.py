@@ -151,6 +151,22 @@ _CANONICAL_ENCODER = json.JSONEncoder(
 )
 
 
+#: Types whose JSON ``sort_keys`` cannot change (no keys inside).
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _already_canonical(msg: dict[str, Any]) -> bool:
+    """Whether ``msg``'s JSON as given is already its sorted-keys JSON: its keys in order and
+    every value a scalar of an exact JSON type (a container's keys would be sorted, a subclass
+    might encode otherwise). Saves encoding a message twice to digest it."""
+    previous = ""
+    for key, value in msg.items():
+        if key < previous or type(value) not in _SCALARS:
+            return False
+        previous = key
+    return True
+
+
 def _dumps(value: Any, what: str, error: type[ValidationError] = InvalidMessageError) -> str:
     try:
         return _JSON_ENCODER.encode(value)
@@ -568,10 +584,13 @@ class Operations:
         ts = msg.pop("ts", now)
         rest = _dumps(msg, "message")
         self._check_size(len(rest))
-        try:
-            canonical = _CANONICAL_ENCODER.encode(msg)
-        except TypeError:  # keys of mixed types cannot be sorted: the encoding as given
+        if _already_canonical(msg):  # (most messages: one key left, "content", a string)
             canonical = rest
+        else:
+            try:
+                canonical = _CANONICAL_ENCODER.encode(msg)
+            except TypeError:  # keys of mixed types cannot be sorted: the encoding as given
+                canonical = rest
         msg["role"] = role
         try:
             tokens = self.counter.count_message(msg)
