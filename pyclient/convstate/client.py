@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import redis
@@ -46,7 +46,9 @@ from convstate.operations import (
     DEFAULT_READ_CHUNK,
     Op,
     Operations,
+    SnapshotRead,
     StoreConfig,
+    TurnOp,
     check_shard_config,
     eviction_warning,
 )
@@ -139,17 +141,27 @@ def _typed(exc: Exception) -> ConvstateError | None:
     return None
 
 
-@contextlib.contextmanager
-def _typed_errors() -> Iterator[None]:
+class _TypedErrors:
     """Raise a Redis error as its typed convstate exception (see :func:`_typed`), as
-    ``_run`` does, for the paths that send more than one script call."""
-    try:
-        yield
-    except (ResponseError, AuthenticationError) as exc:
-        typed = _typed(exc)
-        if typed is None:
-            raise
-        raise typed from None
+    ``_run`` does, for the paths that send more than one script call. A plain class, not
+    ``contextlib.contextmanager``: it wraps every read and turn, and a generator-based
+    context manager costs a microsecond or so each time. Stateless, so one is shared."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, (ResponseError, AuthenticationError)):
+            typed = _typed(exc)
+            if typed is not None:
+                raise typed from None
+
+
+_TYPED_ERRORS = _TypedErrors()
+
+
+def _typed_errors() -> _TypedErrors:
+    return _TYPED_ERRORS
 
 
 class _SlotRoute:
@@ -600,17 +612,26 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         if self._is_cluster:
             return await self._run(self.ops.context_window(session_id, budget))
         snap = self.ops.context_snapshot(session_id, budget)
+        client = self._home_client()
         try:
-            with _typed_errors():
-                async with self.client() as client:
-                    if not self._config_checked:
-                        await self._check_config(client)
-                    messages = snap.decode(await atransaction(client, snap.commands))
+            if client is None:
+                async with self._loop_client() as own:
+                    messages = await self._snapshot_on(own, snap)
+            else:  # (the store's own client: no context manager to enter on the hot path)
+                messages = await self._snapshot_on(client, snap)
         except MemoryFullError:
             messages = None  # a full Redis refuses every command queued in a MULTI: read.lua
         if messages is None:
             return await self._run(snap.fallback())
         return messages
+
+    async def _snapshot_on(
+        self, client: redis.asyncio.Redis, snap: SnapshotRead
+    ) -> list[dict[str, Any]] | None:
+        with _typed_errors():
+            if not self._config_checked:
+                await self._check_config(client)
+            return snap.decode(await atransaction(client, snap.commands))
 
     async def append_and_get_context(
         self,
@@ -633,20 +654,29 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         if self.wait_replicas or self._is_cluster:
             appended = await self._run(turn.append)
             return Turn(appended, await self.get_context(session_id, budget))
-        script = self._scripts["append"]
-        retries = Retries(self.cluster_retry_timeout)
-        with _typed_errors():
-            async with self.client() as client:
-                if not self._config_checked:
-                    await self._check_config(client)
-                replies = await atransaction(client, turn.commands(script.sha))
-                while isinstance(replies[0], NoScriptError) and retries.may_reload():
-                    script.sha = await client.script_load(script.script)
-                    replies = await atransaction(client, turn.commands(script.sha))
-            appended, messages = turn.decode(replies)
+        client = self._home_client()
+        if client is None:
+            async with self._loop_client() as own:
+                appended, messages = await self._turn_on(own, turn)
+        else:  # (the store's own client: no context manager to enter on the hot path)
+            appended, messages = await self._turn_on(client, turn)
         if messages is None:
             messages = await self._run(turn.read.fallback())
         return Turn(appended, messages)
+
+    async def _turn_on(
+        self, client: redis.asyncio.Redis, turn: TurnOp
+    ) -> tuple[AppendResult, list[dict[str, Any]] | None]:
+        script = self._scripts["append"]
+        retries = Retries(self.cluster_retry_timeout)
+        with _typed_errors():
+            if not self._config_checked:
+                await self._check_config(client)
+            replies = await atransaction(client, turn.commands(script.sha))
+            while isinstance(replies[0], NoScriptError) and retries.may_reload():
+                script.sha = await client.script_load(script.script)
+                replies = await atransaction(client, turn.commands(script.sha))
+            return turn.decode(replies)
 
     async def update_context(
         self, session_id: str, mapping: Mapping[str, Any], *, replace: bool = False
