@@ -26,6 +26,7 @@ import platform
 import shlex
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,9 @@ sys.path.insert(0, str(REPO_ROOT))  # for tests.reliability.soak
 from tests.reliability.soak import (  # noqa: E402
     DEFAULT_SCHEDULE,
     FAULT_KINDS,
+    MEMORY_FULL_S,
+    PRODUCTION_MAXMEMORY,
+    PRODUCTION_SCHEDULE,
     FaultRecord,
     SoakConfig,
     SoakResult,
@@ -116,6 +120,9 @@ FAULT_TEXT: dict[str, str] = {
     "and a new server on the same port and directory",
     "redis_crash": "`kill -9` of redis-server and a new one on the same port and directory: "
     "only the fsync-always AOF keeps what was acknowledged",
+    "memory_full": f"`CONFIG SET maxmemory` to the memory in use for {MEMORY_FULL_S:g} s "
+    "(policy noeviction), then back: every append is refused with MemoryFullError and "
+    "retried by its writer with the same ids, while the daemons must keep compacting",
     "replica_demote": "`REPLICAOF` an unreachable master for 1.5 s, then `REPLICAOF NO ONE` "
     "(an old primary during a failover): every write answers READONLY meanwhile",
 }
@@ -195,7 +202,57 @@ BEYOND_THE_SOAK = (
 MEMORY_SECTION = (Path(__file__).resolve().parent / "reliability_memory.md").read_text().rstrip()
 
 
-def render(result: SoakResult, command: str, when: datetime.datetime) -> str:
+def render_production(result: SoakResult, command: str) -> list[str]:
+    """The section of the second soak: the README's production settings."""
+    cfg, inv, stats = result.config, result.invariants, Counter(result.ledger_stats)
+    problems = result.problems()
+    full = [f for f in result.faults if f.kind == "memory_full"]
+    lines = [
+        "",
+        "## The same soak under production settings: maxmemory, skewed clocks",
+        "",
+        f"The soak again, on a server started with `--maxmemory {cfg.maxmemory} "
+        "--maxmemory-policy noeviction`, writers and daemons on hosts whose wall clocks are "
+        f"{cfg.clock_skew:g} s off (ahead on even-numbered hosts, behind on odd ones: "
+        "`tests/reliability/skewed.py`), and two more faults: the server held at its "
+        f"maxmemory for {MEMORY_FULL_S:g} s. Reproduce with:",
+        "",
+        f"    {command}",
+        "",
+        f"**Verdict: {'PASS' if not problems else 'FAIL'}** - "
+        f"{inv.losses} lost, {inv.duplicates} duplicated, "
+        f"{sum(inv.counts.values())} invariant violations, "
+        f"{sum(1 for f in result.faults if f.recovered)}/{len(result.faults)} faults recovered, "
+        f"worst recovery {_seconds(result.worst_recovery_s)} s; "
+        f"{result.messages_acked} messages acknowledged, {result.compactions} compactions, "
+        f"{stats.get('transient:MemoryFullError', 0)} appends refused with MemoryFullError "
+        "(each retried with the same ids until acknowledged), "
+        + ", ".join(
+            f"{f.details['compactions_while_full']} compactions while memory was full "
+            f"(at {f.started_at - result.started_at:.1f} s)"
+            for f in full
+        )
+        + ".",
+        "",
+    ]
+    if problems:
+        lines += ["Problems:", ""] + [f"- {p}" for p in problems] + [""]
+    lines += [
+        "| fault | at (s) | injection (s) | recovery (s) | writers (s) | compaction (s) "
+        "| conditions (s) | compactions in window | writer errors in window | recovered "
+        "| details |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_fault_row(f, result.started_at) for f in result.faults),
+    ]
+    return lines
+
+
+def render(
+    result: SoakResult,
+    command: str,
+    when: datetime.datetime,
+    production: tuple[SoakResult, str] | None = None,
+) -> str:
     """The Markdown report of one soak."""
     cfg, inv, stats = result.config, result.invariants, Counter(result.ledger_stats)
     problems = result.problems()
@@ -335,6 +392,7 @@ def render(result: SoakResult, command: str, when: datetime.datetime) -> str:
         "The same checks run in `tests/reliability/test_soak.py` "
         "(`pytest tests/reliability -m reliability`), with a negative control that corrupts a "
         "state on purpose and expects each violation to be reported.",
+        *(render_production(*production) if production else []),
         *BEYOND_THE_SOAK,
         "",
         MEMORY_SECTION,
@@ -357,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SoakConfig.seed)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--keep-workdir", action="store_true", help="keep logs and ledgers")
+    parser.add_argument(
+        "--no-production",
+        action="store_true",
+        help="skip the second soak (maxmemory + noeviction, skewed clocks, memory_full faults)",
+    )
     args = parser.parse_args(argv)
 
     kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
@@ -392,9 +455,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"soak: {args.duration:g} s, {args.writers} writers, {args.sessions} sessions ...")
     when = datetime.datetime.now(datetime.timezone.utc)
     result = run_soak(config)
+    production = None
+    if not args.no_production:
+        print("soak under production settings (maxmemory, skewed clocks) ...")
+        prod = run_soak(
+            replace(
+                config,
+                schedule=PRODUCTION_SCHEDULE,
+                maxmemory=PRODUCTION_MAXMEMORY,
+                clock_skew=600.0,
+            )
+        )
+        production = (prod, command)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(result, command, when), encoding="utf-8")
-    problems = result.problems()
+    args.output.write_text(render(result, command, when, production), encoding="utf-8")
+    problems = result.problems() + (production[0].problems() if production else [])
     print(
         f"{result.messages_acked} messages, {result.compactions} compactions, "
         f"{result.invariants.losses} lost, {result.invariants.duplicates} duplicated, "

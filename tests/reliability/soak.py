@@ -71,16 +71,24 @@ from redis.retry import Retry
 import convstate
 from convstate import ConversationStore
 from convstate.embedded import RedisServer
-from convstate.errors import InvalidMessageError, MessageTooLargeError, SessionNotFoundError
+from convstate.errors import (
+    InvalidMessageError,
+    MemoryFullError,
+    MessageTooLargeError,
+    SessionNotFoundError,
+)
 from convstate.keys import KeySchema
 from convstate.models import AppendResult
 from convstate.operations import DEFAULT_ID_WINDOW
 from convstate.verify import SessionSnapshot, check_session, check_state, read_snapshot
 from tests.processes import clean_env
+from tests.reliability.skewed import skew_clock
 
 __all__ = [
     "DEFAULT_SCHEDULE",
     "FAULT_KINDS",
+    "PRODUCTION_MAXMEMORY",
+    "PRODUCTION_SCHEDULE",
     "DaemonHandle",
     "FaultRecord",
     "InvariantReport",
@@ -115,6 +123,7 @@ FAULT_KINDS = (
     "redis_restart",
     "redis_crash",
     "replica_demote",
+    "memory_full",
 )
 #: (kind, offset as a fraction of the duration): one fault of each kind, in this order.
 DEFAULT_SCHEDULE: tuple[tuple[str, float], ...] = (
@@ -125,8 +134,29 @@ DEFAULT_SCHEDULE: tuple[tuple[str, float], ...] = (
     ("redis_restart", 0.62),
     ("redis_crash", 0.76),
 )
+#: The production-settings soak (:data:`PRODUCTION_CONFIG`): the default faults plus two
+#: windows of full memory, one early and one after the crash.
+PRODUCTION_SCHEDULE: tuple[tuple[str, float], ...] = (
+    ("kill_daemon", 0.06),
+    ("memory_full", 0.16),
+    ("script_flush", 0.26),
+    ("client_kill", 0.38),
+    ("client_pause", 0.50),
+    ("redis_restart", 0.62),
+    ("redis_crash", 0.76),
+    ("memory_full", 0.88),
+)
+#: Seconds a ``memory_full`` fault holds the server at its maxmemory.
+MEMORY_FULL_S = 2.0
+#: The production soak's ``maxmemory`` (the server starts with it, so restarts keep it).
+PRODUCTION_MAXMEMORY = "512mb"
 #: Milliseconds of ``CLIENT PAUSE ... WRITE``.
 PAUSE_MS = 300
+#: The host's true wall clock, for the ledger and the fault records. A writer or daemon run
+#: with ``clock_skew`` replaces ``time.time`` in its process (:func:`skew_clock`): what
+#: convstate sees is off, what the harness measures is not.
+wall = time.time
+
 #: Seconds a ``replica_demote`` fault keeps the server read-only.
 DEMOTE_S = 1.5
 #: Errors a writer retries with the same message: the server is unreachable, slow, loading
@@ -135,6 +165,8 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.exceptions.ReadOnlyError,
+    # At maxmemory (noeviction) an append is refused whole; the daemons free memory.
+    MemoryFullError,
 )
 #: How many samples of each violation kind a report keeps.
 MAX_SAMPLES = 10
@@ -198,6 +230,12 @@ class SoakConfig:
         prefill: before the soak, fill every session to 40-90% of its limit (an extra
             writer, whose ledger is checked like the others'), so compactions start at once.
         monitor_interval: seconds between the monitor's samples.
+        maxmemory: the server's ``maxmemory`` (e.g. ``"512mb"``), with ``maxmemory-policy
+            noeviction``; None: no limit. A ``memory_full`` fault lowers it to the memory in
+            use for :data:`MEMORY_FULL_S` seconds, then restores it.
+        clock_skew: seconds the wall clock of writer and daemon hosts is off, alternately
+            ahead (even index) and behind (odd index); 0: true clocks. See
+            :mod:`tests.reliability.skewed`.
         workdir: where logs go (a new temporary directory if None).
         keep_workdir: keep the workdir afterwards (it is always kept when a check fails).
     """
@@ -230,6 +268,8 @@ class SoakConfig:
     max_message_bytes: int = 16_384
     prefill: bool = True
     monitor_interval: float = 0.2
+    maxmemory: str | None = None
+    clock_skew: float = 0.0
     workdir: Path | None = None
     keep_workdir: bool = False
 
@@ -239,6 +279,8 @@ class SoakConfig:
         for kind, offset in self.schedule:
             if kind not in FAULT_KINDS:
                 raise ValueError(f"unknown fault kind {kind!r}; choose from {FAULT_KINDS}")
+            if kind == "memory_full" and self.maxmemory is None:
+                raise ValueError("a memory_full fault needs maxmemory")
             if not 0 < offset < 1:
                 raise ValueError(f"fault offset {offset} must be a fraction of the duration")
         offsets = [offset for _, offset in self.schedule]
@@ -274,7 +316,12 @@ class SoakConfig:
             give_up_after=self.give_up_after,
             max_message_bytes=self.max_message_bytes,
             seed=self.seed + index,
+            clock_skew=self.skew_of(index),
         )
+
+    def skew_of(self, index: int) -> float:
+        """How far host ``index``'s wall clock is off: ahead for even, behind for odd."""
+        return self.clock_skew if index % 2 == 0 else -self.clock_skew
 
     def create_sessions(self, url: str) -> None:
         """Create every session, each with its system message ``sys-<session id>``."""
@@ -311,6 +358,7 @@ class WriterSpec:
     give_up_after: float
     max_message_bytes: int
     seed: int
+    clock_skew: float = 0.0
 
 
 # -- writers (run in their own processes) ----------------------------------------------------
@@ -367,7 +415,7 @@ class Writer:
         self.log.flush()
 
     def close(self) -> None:
-        self.emit(k="done", t=time.time(), stats=dict(self.stats))
+        self.emit(k="done", t=wall(), stats=dict(self.stats))
         self.log.close()
         self.store.close()
 
@@ -452,7 +500,7 @@ class Writer:
             op=op,
             ids=ids,
             msgs=msgs if log_messages else None,
-            t=time.time(),
+            t=wall(),
             reject=expect.__name__ if expect else None,
         )
         started = time.monotonic()
@@ -477,7 +525,7 @@ class Writer:
                 if expect is not None and isinstance(exc, expect):
                     self.stats[f"rejected:{type(exc).__name__}"] += 1
                     self.emit(
-                        k="reject", sid=sid, op=op, ids=ids, t=time.time(), type=type(exc).__name__
+                        k="reject", sid=sid, op=op, ids=ids, t=wall(), type=type(exc).__name__
                     )
                     return None
                 # Anything else reached the caller: the soak counts it as a failure. A Redis
@@ -493,7 +541,7 @@ class Writer:
                 sid=sid,
                 op=op,
                 ids=ids,
-                t=time.time(),
+                t=wall(),
                 stored=result.stored,
                 tries=tries,
                 tokens=result.token_count,
@@ -515,7 +563,7 @@ class Writer:
             sid=sid,
             op=op,
             ids=ids,
-            t=time.time(),
+            t=wall(),
             type=type(exc).__name__,
             msg=str(exc)[: 200 if transient else 300],
             transient=transient,
@@ -523,7 +571,7 @@ class Writer:
 
     def _give_up(self, sid: str, op: str, ids: list[str]) -> None:
         self.stats["gave_up"] += 1
-        self.emit(k="giveup", sid=sid, op=op, ids=ids, t=time.time())
+        self.emit(k="giveup", sid=sid, op=op, ids=ids, t=wall())
 
     def step(self) -> None:
         rng = self.rng
@@ -607,6 +655,7 @@ class Writer:
 
 def writer_main(spec: WriterSpec, ready: Any, go: Any, stop: Any) -> None:
     """Entry point of a writer process (multiprocessing, spawn)."""
+    skew_clock(spec.clock_skew)
     writer = Writer(spec)
     try:
         writer.warm_up()
@@ -615,7 +664,7 @@ def writer_main(spec: WriterSpec, ready: Any, go: Any, stop: Any) -> None:
             return
         writer.run(stop)
     except BaseException:
-        writer.emit(k="crash", t=time.time(), tb=traceback.format_exc())
+        writer.emit(k="crash", t=wall(), tb=traceback.format_exc())
         raise
     finally:
         writer.close()
@@ -1110,12 +1159,14 @@ def daemon_env() -> dict[str, str]:
     return clean_env(PYTHONUNBUFFERED="1")
 
 
-def daemon_argv(config: SoakConfig, url: str) -> list[str]:
-    """``python -m convstate.cli daemon`` with the soak's options."""
+def daemon_argv(config: SoakConfig, url: str, skew: float = 0.0) -> list[str]:
+    """``python -m convstate.cli daemon`` with the soak's options (on a host whose wall clock
+    is ``skew`` seconds off, through :mod:`tests.reliability.skewed`, if ``skew``)."""
+    entry = ["tests.reliability.skewed", str(skew)] if skew else ["convstate.cli"]
     return [
         sys.executable,
         "-m",
-        "convstate.cli",
+        *entry,
         "daemon",
         "--redis-url",
         url,
@@ -1459,6 +1510,28 @@ class _Faults:
         admin.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
         return started, time.time(), {"read_only_s": DEMOTE_S}, []
 
+    def _memory_full(self) -> tuple[float, float, dict[str, Any], list[_Condition]]:
+        """Hold the server at its maxmemory (noeviction) for :data:`MEMORY_FULL_S` seconds:
+        every append is refused meanwhile, while the daemons must keep compacting."""
+        soak, admin = self.soak, self.soak.admin
+        configured = admin.config_get("maxmemory")["maxmemory"]
+        started = time.time()
+        used = int(admin.info("memory")["used_memory"])
+        admin.config_set("maxmemory", used)
+        try:
+            time.sleep(MEMORY_FULL_S)
+            still = int(admin.info("memory")["used_memory"])
+        finally:
+            admin.config_set("maxmemory", configured)
+        injected = time.time()
+        details = {
+            "full_s": MEMORY_FULL_S,
+            "maxmemory_while_full": used,
+            "used_memory_at_end": still,
+            "compactions_while_full": len(soak.monitor.compactions_between(started, injected)),
+        }
+        return started, injected, details, []
+
     def _redis_crash(self) -> tuple[float, float, dict[str, Any], list[_Condition]]:
         return self._redis_restart(crash=True)
 
@@ -1601,7 +1674,14 @@ class _Soak:
         self.config = config
         self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="convstate-soak-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.server = RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "always"])
+        memory = (
+            ["--maxmemory", config.maxmemory, "--maxmemory-policy", "noeviction"]
+            if config.maxmemory
+            else []
+        )
+        self.server = RedisServer(
+            extra_args=["--appendonly", "yes", "--appendfsync", "always", *memory]
+        )
         self.admin: redis.Redis
         self.monitor: _Monitor
         self.daemons: list[DaemonHandle] = []
@@ -1619,7 +1699,7 @@ class _Soak:
         self._daemon_seq += 1
         handle = DaemonHandle(
             f"d{self._daemon_seq}",
-            daemon_argv(self.config, self.server.url),
+            daemon_argv(self.config, self.server.url, self.config.skew_of(self._daemon_seq)),
             daemon_env(),
             self.workdir,
         )
@@ -1745,7 +1825,7 @@ class _Soak:
             config=config,
             started_at=self.started_at,
             writes_stopped_at=writes_stopped_at,
-            finished_at=time.time(),
+            finished_at=wall(),
             engine=self.engine(),
             redis_py=redis.__version__,
             python=platform.python_version(),

@@ -33,8 +33,11 @@ from convstate import ConversationStore
 from convstate.keys import KeySchema
 from tests.reliability.soak import (
     DEFAULT_SCHEDULE,
+    PRODUCTION_MAXMEMORY,
+    PRODUCTION_SCHEDULE,
     DaemonHandle,
     SoakConfig,
+    SoakResult,
     Writer,
     check_invariants,
     daemon_argv,
@@ -65,6 +68,38 @@ def _wait(check: Any, timeout: float, what: str, daemon: DaemonHandle | None = N
 @pytest.mark.slow
 def test_soak_with_faults_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     result = run_soak(SoakConfig(duration=SOAK_SECONDS, workdir=tmp_path / "soak"))
+    assert_promise_kept(result, DEFAULT_SCHEDULE)
+
+
+@pytest.mark.reliability
+@pytest.mark.slow
+def test_soak_at_maxmemory_with_skewed_clocks_loses_and_duplicates_nothing(
+    tmp_path: Path,
+) -> None:
+    """The production settings of the README: ``maxmemory`` with ``noeviction``, and hosts
+    whose clocks are off. Writers and daemons run 600 s ahead (even) or behind (odd), and
+    twice the server is held at its maxmemory for a while: appends are refused with
+    MemoryFullError (the writers retry the same message), compaction keeps running."""
+    config = SoakConfig(
+        duration=SOAK_SECONDS,
+        workdir=tmp_path / "soak",
+        schedule=PRODUCTION_SCHEDULE,
+        maxmemory=PRODUCTION_MAXMEMORY,
+        clock_skew=600.0,
+    )
+    result = run_soak(config)
+    where = "\n".join(result.problems()) + f"\n(logs kept in {result.workdir})"
+    assert_promise_kept(result, PRODUCTION_SCHEDULE)
+    # Memory was full for real: appends were refused, and compaction ran meanwhile.
+    assert result.ledger_stats.get("transient:MemoryFullError", 0) > 0, where
+    full = [f for f in result.faults if f.kind == "memory_full"]
+    assert len(full) == 2
+    for fault in full:
+        assert fault.details["compactions_while_full"] >= 1, f"{fault}\n{where}"
+
+
+def assert_promise_kept(result: SoakResult, schedule: tuple[tuple[str, float], ...]) -> None:
+    """Every invariant of the soak's promise, and every fault of ``schedule`` recovered."""
     problems = result.problems()
     where = "\n".join(problems) + f"\n(logs kept in {result.workdir})"
     inv = result.invariants
@@ -99,7 +134,7 @@ def test_soak_with_faults_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     assert inv.stored_messages == inv.acked_messages + inv.unacked_stored, where
 
     # Every fault was injected, recovered before the next one, with compactions after it.
-    assert [f.kind for f in result.faults] == [kind for kind, _ in DEFAULT_SCHEDULE]
+    assert [f.kind for f in result.faults] == [kind for kind, _ in schedule]
     for fault in result.faults:
         assert fault.recovered, f"{fault}\n{where}"
         assert fault.compactions_in_window >= 1, f"{fault}\n{where}"
