@@ -232,7 +232,11 @@ def render_production(result: SoakResult, command: str) -> list[str]:
             f"(at {f.started_at - result.started_at:.1f} s)"
             for f in full
         )
-        + ".",
+        + ". With `--archive` every fold grows the data (the originals move to the archive, "
+        "a summary is added), so a swap at maxmemory is refused having written nothing and "
+        "retried: compactions pause while memory is full and resume after it, and no session "
+        "is dead-lettered. Without an archive a fold frees memory and runs while memory is "
+        "full (`tests/test_memory.py`).",
         "",
     ]
     if problems:

@@ -79,7 +79,11 @@ def test_soak_at_maxmemory_with_skewed_clocks_loses_and_duplicates_nothing(
     """The production settings of the README: ``maxmemory`` with ``noeviction``, and hosts
     whose clocks are off. Writers and daemons run 600 s ahead (even) or behind (odd), and
     twice the server is held at its maxmemory for a while: appends are refused with
-    MemoryFullError (the writers retry the same message), compaction keeps running."""
+    MemoryFullError (the writers retry the same message) and the daemons' swaps, which grow
+    the data here (``--archive`` keeps the folded originals, which the loss check needs), are
+    refused having written nothing and retried: no session is dead-lettered, and compactions
+    resume once memory is available. (That a shrinking swap runs while memory is full is
+    shown by tests/test_memory.py, without an archive.)"""
     config = SoakConfig(
         duration=SOAK_SECONDS,
         workdir=tmp_path / "soak",
@@ -90,12 +94,12 @@ def test_soak_at_maxmemory_with_skewed_clocks_loses_and_duplicates_nothing(
     result = run_soak(config)
     where = "\n".join(result.problems()) + f"\n(logs kept in {result.workdir})"
     assert_promise_kept(result, PRODUCTION_SCHEDULE)
-    # Memory was full for real: appends were refused, and compaction ran meanwhile.
+    # Memory was full for real: appends were refused (and retried until acknowledged).
     assert result.ledger_stats.get("transient:MemoryFullError", 0) > 0, where
     full = [f for f in result.faults if f.kind == "memory_full"]
     assert len(full) == 2
     for fault in full:
-        assert fault.details["compactions_while_full"] >= 1, f"{fault}\n{where}"
+        assert fault.writer_errors_in_window > 0, f"{fault}\n{where}"
 
 
 def assert_promise_kept(result: SoakResult, schedule: tuple[tuple[str, float], ...]) -> None:
