@@ -273,6 +273,16 @@ class _StoreBase(Generic[C]):
         self._config_checked = False
         self._memory_full_logged = False
 
+    def _config_write_refused(self, exc: ResponseError) -> bool:
+        """Whether recording the shard count was refused because memory is full (then it is
+        logged once, and the check is left for a later call so that reads go on)."""
+        if OOM_REPLY not in str(exc):
+            return False
+        if not self._memory_full_logged:
+            self._memory_full_logged = True
+            log.warning(_CONFIG_NOT_RECORDED, self.schema.prefix)
+        return True
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(prefix={self.schema.prefix!r}, shards={self.schema.shards}, "
@@ -458,11 +468,8 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
             try:
                 await client.hsetnx(config, "shards", self.schema.shards)
             except ResponseError as exc:
-                if OOM_REPLY not in str(exc):
+                if not self._config_write_refused(exc):
                     raise
-                if not self._memory_full_logged:
-                    self._memory_full_logged = True
-                    log.warning(_CONFIG_NOT_RECORDED, self.schema.prefix)
                 return
             recorded = await client.hget(config, "shards")
         check_shard_config(recorded, self.schema.shards, self.schema.prefix)
@@ -793,11 +800,8 @@ class ConversationStore(_StoreBase["redis.Redis"]):
             try:
                 self.redis.hsetnx(config, "shards", self.schema.shards)
             except ResponseError as exc:
-                if OOM_REPLY not in str(exc):
+                if not self._config_write_refused(exc):
                     raise
-                if not self._memory_full_logged:
-                    self._memory_full_logged = True
-                    log.warning(_CONFIG_NOT_RECORDED, self.schema.prefix)
                 return
             recorded = self.redis.hget(config, "shards")
         check_shard_config(recorded, self.schema.shards, self.schema.prefix)
