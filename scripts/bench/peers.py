@@ -35,6 +35,8 @@ try:
     from llama_index.storage.chat_store.redis import RedisChatStore
 except ImportError:  # pragma: no cover - reported in the output
     ChatMemoryBuffer = None
+    ChatMessage = None
+    RedisChatStore = None
 
 
 #: One LlamaIndex turn in a child process, so that a turn longer than the cap can be stopped.
