@@ -55,6 +55,7 @@ from convstate.summarizers import (
     SummaryRequest,
 )
 from tests.chat_server import ChatServer
+from tests.reliability.skewed import SkewedTime
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -746,16 +747,15 @@ async def test_peek_counts_due_queued_oldest_expired_running_dead(
     await ar.zadd(schema.queue(shard), {"a": now - 1000, "b": now - 10, "c": now + 60_000})
     await ar.zadd(schema.running(shard), {"d": now - 5, "e": now + 60_000})
     await ar.zadd(schema.dead(shard), {"f": now - 100, "g": now - 50, "h": now - 1})
-    assert await raw("peek", [schema.queue(shard), schema.running(shard), schema.dead(shard)]) == [
-        2,
-        3,
-        now - 1000,
-        1,
-        2,
-        3,
-    ]
-    assert await compactor.peek(shard) == ShardStatus(shard, 2, 3, now - 1000, 1, 2, 3)
-    assert await compactor.peek(shard + 1) == ShardStatus(shard + 1, 0, 0, 0, 0, 0, 0)
+    reply = await raw("peek", [schema.queue(shard), schema.running(shard), schema.dead(shard)])
+    assert reply[:6] == [2, 3, now - 1000, 1, 2, 3]
+    assert now <= reply[6] < now + 5_000  # the server's clock the scores were compared with
+    status = await compactor.peek(shard)
+    assert status == ShardStatus(shard, 2, 3, now - 1000, 1, 2, 3)
+    assert now <= status.server_ms < now + 5_000
+    idle = await compactor.peek(shard + 1)
+    assert idle == ShardStatus(shard + 1, 0, 0, 0, 0, 0, 0)
+    assert idle.server_ms == 0
 
 
 # -- one compaction end to end -----------------------------------------------------------------
@@ -1065,20 +1065,6 @@ async def test_a_stored_record_nested_too_deeply_never_crashes_the_compactor(
 
 #: How far the host clocks of these tests are off.
 CLOCK_SKEW = 600.0
-
-
-class SkewedTime:
-    """The ``time`` module as a host whose clock is ``skew`` seconds off sees it: only
-    ``time.time()`` is off (monotonic clocks are not wall clocks)."""
-
-    def __init__(self, skew: float) -> None:
-        self.skew = skew
-
-    def time(self) -> float:
-        return time.time() + self.skew
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
 
 
 async def test_an_app_600_s_ahead_flags_a_session_a_daemon_claims_at_once(

@@ -51,6 +51,7 @@ from convstate.summarizers import SummarizerError, Summary, SummaryRequest
 from convstate.tokens import TiktokenCounter
 from tests.chat_server import ChatServer
 from tests.processes import clean_env
+from tests.reliability.skewed import SkewedTime
 from tests.servers import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1441,6 +1442,80 @@ async def test_every_session_ends_under_its_own_limit_with_the_default_settings(
         nxt = await astore.append(sid, sized_turn(sid, turns[limit], min(400, limit // 10)))
         assert not nxt.flagged, (sid, nxt, report)
     print("limit: (tokens after, compactions, turns)", report)
+
+
+class HeldSummarizer:
+    """Holds every summary until :attr:`release` is set (a model that has not answered yet)."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def summarize(self, request: SummaryRequest) -> Summary:
+        await self.release.wait()
+        return Summary(text="The user plans a trip to Japan.", model="fake")
+
+
+@pytest.mark.parametrize("skew", [600.0, -600.0], ids=["host-ahead", "host-behind"])
+async def test_the_oldest_flagged_age_is_measured_on_the_servers_clock(
+    store: ConversationStore,
+    r: redis.Redis,
+    redis_url: str,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    skew: float,
+) -> None:
+    """Issue 11 (clocks): flag times are the server's clock, so a daemon whose host clock is
+    600 s off must not report a session flagged a moment ago as 600 s old (host ahead), nor as
+    0 s old forever (host behind). One session is held in its summary (concurrency 1), the
+    other waits: /metrics gives its real age."""
+    monkeypatch.setattr(convstate.daemon, "time", SkewedTime(skew))
+    monkeypatch.setattr(convstate.compactor, "time", SkewedTime(skew))
+    summarizer = HeldSummarizer()
+    sids = ["held-1", "waiting-1"]
+    for sid in sids:
+        flag_session(store, sid)
+    daemon = Daemon(
+        DaemonSettings(
+            redis_url=redis_url,
+            prefix=prefix,
+            shards=SHARDS,
+            sweep_interval=60.0,
+            http_port=0,
+            encoding=ENCODING,
+            concurrency=1,
+            keep_recent_tokens=20,
+            min_recent_messages=2,
+            max_summary_tokens=100,
+        ),
+        summarizer=summarizer,
+    )
+    task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+    try:
+        await wait_started(daemon, task)
+        assert daemon.http is not None
+        url = f"http://127.0.0.1:{daemon.http.port}/metrics"
+        deadline = time.monotonic() + 5
+        while sorted(meta_field(r, prefix, sid, "state") or "" for sid in sids) != [
+            "queued",
+            "running",
+        ]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        waited_since = time.monotonic()
+        await asyncio.sleep(0.3)
+        status, text = await asyncio.to_thread(http_get, url)
+        assert status == 200, text
+        age = metric(text, "convstate_oldest_flagged_age_seconds")
+        assert metric(text, "convstate_queue_depth") == 1.0, text
+        assert age is not None, text
+        assert 0.2 < age < time.monotonic() - waited_since + 5.0, (skew, age)
+    finally:
+        summarizer.release.set()
+        daemon.request_stop()
+        await asyncio.wait_for(task, 10)
+    assert task.exception() is None
 
 
 class DoomedSummarizer:

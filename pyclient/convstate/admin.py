@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -208,10 +207,9 @@ class Admin:
                 )
                 dead.extend(DeadSession(sid.decode(), int(score)) for sid, score in rows)
         oldest = [st.oldest_queued_ms for st in statuses if st.queued]
-        now = time.time()
-        if oldest:  # flag times are the server's clock: measure the age on it too
-            seconds, micros = self.redis.time()
-            now = int(seconds) + int(micros) / 1e6
+        # Flag times are the server's clock: measure the age on it too (a shard with a queue
+        # was read with the server's time).
+        now = max(st.server_ms for st in statuses) / 1000 if oldest else 0.0
         return Stats(
             shards=len(statuses),
             queued=sum(st.queued for st in statuses),

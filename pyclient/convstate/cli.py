@@ -421,7 +421,8 @@ def inspect(session_id: str, last: int | None, archive: bool, as_json: bool, **c
 
 
 def _stats_text(result: Stats, per_shard: bool) -> list[str]:
-    now = time.time()
+    # Flag and dead-letter times are the server's clock: so is "ago" (this host's may be off).
+    now = max((st.server_ms for st in result.per_shard), default=0) / 1000 or time.time()
     age = "-" if result.oldest_flagged_age_s is None else _ago(result.oldest_flagged_age_s)
     lines = [
         f"shards {result.shards}: queued {result.queued} (due {result.due}), running "

@@ -145,6 +145,9 @@ class ShardStatus:
     expired: int
     running: int
     dead: int
+    #: The server's clock (ms) when the shard was read (0 for an idle shard): ages of flag
+    #: times are measured on it, never on the host's clock. Not part of equality.
+    server_ms: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)

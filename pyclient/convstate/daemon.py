@@ -351,6 +351,11 @@ class Daemon:
         self._signals = 0
         self._subscribed = False
         self._depth: dict[int, ShardStatus] = {}
+        #: The server's clock minus this host's (ms), learned from every shard read: flag times
+        #: are server times, so the oldest one's age is measured on the server's clock.
+        self._server_offset_ms = 0.0
+        self._oldest_queued_ms = 0
+        self.metrics.oldest_age.set_function(self._oldest_flagged_age)
         self._workers: dict[asyncio.Task[None], _Worker] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._sweep_all = False  # set by the listener once subscribed: nothing flagged is missed
@@ -503,7 +508,7 @@ class Daemon:
         """Read one shard's queue, running and dead sets into the gauges (after every claim
         and compaction, so /metrics never waits for the sweep to come round)."""
         try:
-            self._depth[shard] = await self.compactor.peek(shard)
+            self._note_status(await self.compactor.peek(shard))
         except _REDIS_ERRORS as exc:  # the gauges stay as they were until the next look
             log.debug("could not refresh the gauges of shard %d: %s", shard, exc)
             return
@@ -512,7 +517,7 @@ class Daemon:
     async def _sweep_shard(self, shard: int) -> None:
         status = await self.compactor.peek(shard)
         due = status.due
-        self._depth[shard] = status
+        self._note_status(status)
         if status.expired:
             reaped = await self.compactor.reap(shard)
             self.metrics.lease_expiries.inc(len(reaped))
@@ -577,12 +582,25 @@ class Daemon:
             stopping.cancel()
             sweep.cancel()
 
+    def _note_status(self, status: ShardStatus) -> None:
+        self._depth[status.shard] = status
+        if status.server_ms:
+            self._server_offset_ms = status.server_ms - time.time() * 1000
+
     def _update_depth(self) -> None:
         statuses = self._depth.values()
         self.metrics.queue_depth.set(sum(s.queued for s in statuses))
         self.metrics.dead_letter.set(sum(s.dead for s in statuses))
         oldest = [s.oldest_queued_ms for s in statuses if s.queued and s.oldest_queued_ms]
-        self.metrics.oldest_age.set(max(0.0, time.time() - min(oldest) / 1000) if oldest else 0)
+        self._oldest_queued_ms = min(oldest) if oldest else 0
+
+    def _oldest_flagged_age(self) -> float:
+        """The oldest waiting flag's age on the server's clock, at the moment /metrics is read
+        (it grows while the session waits; read from the HTTP thread, so one snapshot)."""
+        oldest = self._oldest_queued_ms
+        if not oldest:
+            return 0.0
+        return max(0.0, (time.time() * 1000 + self._server_offset_ms - oldest) / 1000)
 
     async def _watchdog(self, interval: float) -> None:
         while not self._stop_now.is_set():

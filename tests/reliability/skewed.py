@@ -13,9 +13,25 @@ from __future__ import annotations
 import runpy
 import sys
 import time
+from typing import Any
 
 _wall = time.time
 _wall_ns = time.time_ns
+
+
+class SkewedTime:
+    """The ``time`` module as a host whose clock is ``skew`` seconds off sees it, to put in
+    one module's place (``monkeypatch.setattr(module, "time", SkewedTime(600))``): only
+    ``time.time()`` is off (monotonic clocks are not wall clocks)."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return _wall() + self.skew
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 def skew_clock(skew: float) -> None:
