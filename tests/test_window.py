@@ -288,6 +288,10 @@ def test_turn_is_one_multi_and_read_lua_only_when_needed(
     """A turn is one MULTI (the append script and plain reads); read.lua runs only when the
     snapshot could not hold the window (a head longer than guessed), and not again once the
     session's sizes are known."""
+    # The same turn on another session first: a fresh server loads the scripts on their first
+    # NOSCRIPT (one more EXEC), which is not what is counted here.
+    store.create_session("warm-up", system=["a", "b", "c", "d"])
+    store.append_and_get_context("warm-up", {"role": "user", "content": "hi"})
     store.create_session("t1", system=["a", "b", "c", "d"])  # head of 4 > the guess of 2
     first = calls_during(
         r, lambda: store.append_and_get_context("t1", {"role": "user", "content": "hi"})
