@@ -155,10 +155,10 @@ def _recovered(fault: FaultRecord) -> str:
 #: A fixed section: what the soak does not cover and the daemon tests do (issue 11).
 BEYOND_THE_SOAK = (
     "",
-    "## Beyond the soak: huge folds, small limits, dead letters",
+    "## Beyond the soak: huge folds, small limits, dead letters, clocks",
     "",
     (
-        "The soak's sessions are small. Three tests in `tests/test_daemon.py` hold the daemon "
+        "The soak's sessions are small. Four tests in `tests/test_daemon.py` hold the daemon "
         "to the conditions operators meet first (issue 11), each against a real daemon (its "
         "async entry point, HTTP on) and a private redis-server:"
     ),
@@ -195,6 +195,14 @@ BEYOND_THE_SOAK = (
         "`convstate_dead_letter_sessions`) is right within a second of the last claim and "
         "compaction, not after the sweep comes round; each dead-lettered session is logged "
         "once at WARNING, naming it and `convstate requeue`."
+    ),
+    (
+        "- `test_the_oldest_flagged_age_is_measured_on_the_servers_clock`: with the daemon's "
+        "host clock 600 s ahead or behind, `convstate_oldest_flagged_age_seconds` gives a "
+        "waiting session's real age (flag times are the server's clock; the daemon learns the "
+        "server-minus-host offset from every shard it reads and computes the age when "
+        "`/metrics` is scraped, so it grows while the session waits). Before, a host ahead "
+        "reported a fresh flag as 600 s old and a host behind reported 0 s forever."
     ),
 )
 

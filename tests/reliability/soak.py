@@ -135,15 +135,18 @@ DEFAULT_SCHEDULE: tuple[tuple[str, float], ...] = (
     ("redis_crash", 0.76),
 )
 #: The production-settings soak (:data:`PRODUCTION_CONFIG`): the default faults plus two
-#: windows of full memory, one early and one after the crash.
+#: windows of full memory, one early and one after the crash. The daemon kill keeps the
+#: default's 20 % window (9 s of a 45 s soak): its recovery waits for the victim's 3 s lease to
+#: expire and be reaped (3.3-5.2 s measured), so a full-memory window right after it (4.5 s)
+#: failed the kill's recovery now and then on a loaded machine.
 PRODUCTION_SCHEDULE: tuple[tuple[str, float], ...] = (
     ("kill_daemon", 0.06),
-    ("memory_full", 0.16),
     ("script_flush", 0.26),
-    ("client_kill", 0.38),
-    ("client_pause", 0.50),
+    ("memory_full", 0.32),
+    ("client_kill", 0.44),
+    ("client_pause", 0.52),
     ("redis_restart", 0.62),
-    ("redis_crash", 0.76),
+    ("redis_crash", 0.74),
     ("memory_full", 0.88),
 )
 #: Seconds a ``memory_full`` fault holds the server at its maxmemory.
