@@ -1444,6 +1444,27 @@ async def test_every_session_ends_under_its_own_limit_with_the_default_settings(
     print("limit: (tokens after, compactions, turns)", report)
 
 
+def metrics_daemon(redis_url: str, prefix: str, summarizer: Any, **settings: Any) -> Daemon:
+    """An in-process daemon with HTTP on a free port, small compaction settings and a sweep
+    that never comes round during the test (so /metrics shows what claims and compactions
+    refreshed)."""
+    return Daemon(
+        DaemonSettings(
+            redis_url=redis_url,
+            prefix=prefix,
+            shards=SHARDS,
+            sweep_interval=60.0,
+            http_port=0,
+            encoding=ENCODING,
+            keep_recent_tokens=20,
+            min_recent_messages=2,
+            max_summary_tokens=100,
+            **settings,
+        ),
+        summarizer=summarizer,
+    )
+
+
 class HeldSummarizer:
     """Holds every summary until :attr:`release` is set (a model that has not answered yet)."""
 
@@ -1476,21 +1497,7 @@ async def test_the_oldest_flagged_age_is_measured_on_the_servers_clock(
     sids = ["held-1", "waiting-1"]
     for sid in sids:
         flag_session(store, sid)
-    daemon = Daemon(
-        DaemonSettings(
-            redis_url=redis_url,
-            prefix=prefix,
-            shards=SHARDS,
-            sweep_interval=60.0,
-            http_port=0,
-            encoding=ENCODING,
-            concurrency=1,
-            keep_recent_tokens=20,
-            min_recent_messages=2,
-            max_summary_tokens=100,
-        ),
-        summarizer=summarizer,
-    )
+    daemon = metrics_daemon(redis_url, prefix, summarizer, concurrency=1)
     task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
     try:
         await wait_started(daemon, task)
@@ -1545,21 +1552,7 @@ async def test_gauges_follow_every_claim_and_dead_letters_are_logged_once(
     sids = ["doomed-1", "doomed-2", "fine-1", "fine-2"]
     for sid in sids:
         flag_session(store, sid)
-    daemon = Daemon(
-        DaemonSettings(
-            redis_url=redis_url,
-            prefix=prefix,
-            shards=SHARDS,
-            sweep_interval=60.0,
-            http_port=0,
-            encoding=ENCODING,
-            max_attempts=1,
-            keep_recent_tokens=20,
-            min_recent_messages=2,
-            max_summary_tokens=100,
-        ),
-        summarizer=DoomedSummarizer(),
-    )
+    daemon = metrics_daemon(redis_url, prefix, DoomedSummarizer(), max_attempts=1)
     caplog.set_level(logging.INFO, logger="convstate")
     task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
     try:
