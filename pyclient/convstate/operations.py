@@ -875,6 +875,17 @@ class Operations:
             lambda reply: bool(int(reply)),
         )
 
+    def pop(self, session_id: str) -> Op[bytes | str | None]:
+        """Remove the session's newest record (pop.lua): its raw JSON, or None when the
+        session is empty or missing. Runs when Redis memory is full (``allow-oom``)."""
+        keys = self.schema.session(session_id)
+        return Op(
+            "pop",
+            [keys.msgs, keys.meta, keys.ids, keys.idlog, keys.archive],
+            [session_id],
+            lambda reply: reply,
+        )
+
     def session_keys(self, session_id: str) -> SessionKeys:
         return self.schema.session(session_id)
 

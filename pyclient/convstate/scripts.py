@@ -13,15 +13,16 @@ standalone server, is preceded by redis-py's SCRIPT EXISTS / SCRIPT LOAD instead
 it gets :class:`~convstate.errors.ScriptNotLoadedError` telling to run ``convstate scripts
 load`` (the administrator's role, see docs/security.md).
 
-**Script flags**: the compaction scripts that must run when Redis memory is full (claim,
-heartbeat, release, reap) start with ``#!lua flags=allow-oom`` (Redis >= 7.0, Valkey). A
-server without script flags (Redis 6.2, fakeredis) cannot compile that line: the script is
-then run in its flag-less form (:func:`without_flags`: the shebang becomes a Lua comment), in
-which Redis refuses only a script's *first* write that may grow memory. Each of these scripts
-therefore starts writing with a command that frees memory (ZREM, HDEL), so it runs at
-maxmemory there too. ``convstate scripts load`` loads the form the server accepts; on a
-NOSCRIPT reply a client tries the other form's SHA before loading anything, so a user
-without ``+script|load`` finds either.
+**Script flags**: the scripts that must run when Redis memory is full (the compaction's claim,
+heartbeat, release and reap; the Agents adapter's pop, which only frees memory) start with
+``#!lua flags=allow-oom`` (Redis >= 7.0, Valkey). A server without script flags (Redis 6.2,
+fakeredis) cannot compile that line: the script is then run in its flag-less form
+(:func:`without_flags`: the shebang becomes a Lua comment), in which Redis refuses only a
+script's *first* write that may grow memory. Each of these scripts therefore starts writing
+with a command that frees memory (ZREM, HDEL, LTRIM), so it runs at maxmemory there too.
+``convstate scripts load`` loads the form the server accepts; on a NOSCRIPT reply a client
+tries the other form's SHA before loading anything, so a user without ``+script|load`` finds
+either.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ SCRIPT_NAMES = (
     "requeue",
     "peek",
     "swap",
+    "pop",
 )
 
 #: First line of a script that declares Redis 7 script flags.
