@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -51,6 +52,7 @@ from convstate.errors import (
     InvalidLimitError,
     InvalidMessageError,
     InvalidSessionIdError,
+    SessionCorruptedError,
     SessionNotFoundError,
 )
 from convstate.planner import CompactionPolicy
@@ -757,44 +759,43 @@ async def test_session_pop_item_of_the_head(astore: AsyncConversationStore, r: r
     ]
 
 
-async def test_session_pop_item_retries_when_an_append_races_it(
-    astore: AsyncConversationStore, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+def command_calls(r: redis.Redis) -> Counter[str]:
+    """Calls per command since the server started (INFO commandstats)."""
+    stats = r.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()})
+
+
+async def test_session_pop_item_is_one_script_call(
+    astore: AsyncConversationStore, r: redis.Redis
 ) -> None:
-    """An append lands between pop_item's WATCH reads and its EXEC: the EXEC fails, the pop
-    retries and takes the new newest item; nothing is lost and the totals stay exact."""
+    """pop_item is one EVALSHA of pop.lua: no WATCH / MULTI round trips that a concurrent
+    write would make it retry, and no command outside the documented ACL (RPOP, LINDEX)."""
     session = ConvstateSession("ag-4", astore)
-    await session.add_items(
-        [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}]
-    )
-    racer = {"role": "user", "content": "racing append"}
-    raced: list[int] = []
-    real_pipeline = astore.redis.pipeline
-
-    def pipeline(*args: Any, **kwargs: Any) -> Any:
-        pipe = real_pipeline(*args, **kwargs)
-        real_hmget = pipe.hmget
-
-        async def hmget(*a: Any, **kw: Any) -> Any:
-            result = await real_hmget(*a, **kw)
-            if not raced:
-                raced.append(1)
-                await astore.append(
-                    "ag-4", {"role": "user", "content": "racing append", "item": racer}
-                )
-            return result
-
-        pipe.hmget = hmget  # type: ignore[method-assign]
-        return pipe
-
-    monkeypatch.setattr(astore.redis, "pipeline", pipeline)
-    assert await session.pop_item() == racer
-    monkeypatch.undo()
-    assert raced == [1]
-    assert await session.get_items() == [
-        {"role": "user", "content": "one"},
-        {"role": "user", "content": "two"},
-    ]
+    items = [{"role": "user", "content": f"item {i}"} for i in range(3)]
+    await session.add_items(items)
+    # The store's first call of the script finds its form (on Redis 6.2 the flag-less one).
+    assert await session.pop_item() == items[2]
+    before = command_calls(r)
+    assert await session.pop_item() == items[1]
+    calls = command_calls(r)
+    calls.subtract(before)
+    sent = {name for name, n in calls.items() if n}
+    assert calls["evalsha"] == 1, calls
+    assert not sent & {"watch", "unwatch", "multi", "exec", "rpop", "lindex"}, sent
+    assert await session.get_items() == items[:1]
     assert_consistent(r, astore, "ag-4")
+
+
+async def test_session_pop_item_of_a_partly_evicted_session_raises(
+    astore: AsyncConversationStore, r: redis.Redis
+) -> None:
+    session = ConvstateSession("ag-8", astore)
+    await session.add_items([{"role": "user", "content": "one"}])
+    keys = astore.schema.session("ag-8")
+    r.delete(keys.msgs)
+    with pytest.raises(SessionCorruptedError, match=re.escape(keys.msgs)):
+        await session.pop_item()
+    assert int(r.hget(keys.meta, "message_count") or 0) == 1  # nothing written
 
 
 async def test_session_pop_item_under_concurrent_appends(

@@ -19,6 +19,7 @@ Every test runs on the engine of ``$CONVSTATE_TEST_ENGINE`` (Redis 7, Valkey 8, 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -31,6 +32,7 @@ import redis.asyncio
 from redis.exceptions import OutOfMemoryError
 
 from convstate import AsyncConversationStore, ConversationStore
+from convstate.adapters.openai_agents import ConvstateSession
 from convstate.admin import Admin
 from convstate.compactor import Compactor, CompactorConfig
 from convstate.daemon import Daemon, DaemonSettings
@@ -148,6 +150,59 @@ async def test_a_fresh_async_client_reads_when_memory_is_full(
         with pytest.raises(MemoryFullError):
             await store.append("s", turn("s", 1))
         assert await store.delete_session("s") is True
+    finally:
+        await store.aclose()
+
+
+async def test_pop_item_frees_memory_when_memory_is_full(
+    full: redis.Redis, noeviction_server: RedisServer, prefix: str
+) -> None:
+    """A pop only frees memory: at maxmemory a fresh client's ``ConvstateSession.pop_item``
+    returns the newest item and leaves the totals exact (a MULTI's HINCRBY / HSET would be
+    refused there), down to the system message; an append is still refused."""
+    url = noeviction_server.url
+    items: list[dict[str, Any]] = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": turn("ag", i)["content"]}
+        for i in range(4)
+    ]
+    setup = AsyncConversationStore.from_url(
+        url, token_limit=100_000, encoding=ENC, prefix=prefix, shards=SHARDS
+    )
+    try:
+        await setup.create_session("ag", system="You are terse.")
+        await ConvstateSession("ag", setup).add_items(items)
+    finally:
+        await setup.aclose()
+    keys = KeySchema(prefix, SHARDS).session("ag")
+    fill(full)
+    store = AsyncConversationStore.from_url(
+        url, token_limit=100_000, encoding=ENC, prefix=prefix, shards=SHARDS
+    )
+    try:
+        session = ConvstateSession("ag", store, create=False)
+        for expected in reversed(items[1:]):
+            assert await session.pop_item() == expected
+            records = [json.loads(raw) for raw in full.lrange(keys.msgs, 0, -1)]
+            meta = full.hmget(keys.meta, ["token_count", "message_count", "head_count"])
+            assert [int(v or -1) for v in meta] == [
+                sum(rec["tokens"] for rec in records),
+                len(records),
+                1,
+            ]
+        assert await session.get_items() == [
+            {"role": "system", "content": "You are terse."},
+            items[0],
+        ]
+        with pytest.raises(MemoryFullError):
+            await session.add_items([items[1]])
+        assert await session.pop_item() == items[0]
+        assert await session.pop_item() == {"role": "system", "content": "You are terse."}
+        assert await session.pop_item() is None
+        meta = full.hmget(keys.meta, ["token_count", "message_count", "head_count"])
+        assert [int(v or -1) for v in meta] == [0, 0, 0]
+        assert not full.exists(keys.msgs)
+        with pytest.raises(MemoryFullError):
+            await session.add_items([items[0]])
     finally:
         await store.aclose()
 

@@ -46,10 +46,10 @@ whose call was folded. Messages that other convstate clients appended without an
 converted back (an assistant message with tool calls becomes its text message, if any, and one
 ``function_call`` item per call; ``limit`` still counts items).
 
-**pop_item** removes the newest record atomically with ``WATCH``/``MULTI`` on the session's
-message list and meta hash (``RPOP``, forget its id, lower the token and message totals, and the
-head count when the record belonged to the head), retrying when a concurrent write (an append,
-a compaction swap) touched the session in between; see :meth:`ConvstateSession.pop_item`.
+**pop_item** removes the newest record in one atomic script call (``lua/pop.lua``: drop it,
+forget its id, lower the token and message totals, and the head count when the record belonged
+to the head), with no retries under contention; it also works when Redis memory is full. See
+:meth:`ConvstateSession.pop_item`.
 
 **Missing sessions.** With ``create=True`` (the default) a missing session reads as empty and
 the first ``add_items`` creates it with the store's defaults. With ``create=False``
@@ -83,17 +83,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError(
         "convstate.adapters.openai_agents needs openai-agents: pip install 'convstate[agents]'"
     ) from exc
-from redis.exceptions import WatchError
 
 from convstate.client import AsyncConversationStore
 from convstate.errors import (
     ConfigurationError,
-    ConvstateError,
     InvalidMessageError,
     SessionNotFoundError,
 )
 from convstate.keys import validate_session_id
-from convstate.operations import decode_record, now_ms
+from convstate.operations import decode_record
 from convstate.planner import SUMMARY_KIND
 
 if TYPE_CHECKING:
@@ -109,8 +107,6 @@ __all__ = [
 
 #: Field of a stored record holding the original Responses-API item.
 ITEM_FIELD = "item"
-#: Attempts of :meth:`ConvstateSession.pop_item` before it gives up under constant contention.
-MAX_POP_ATTEMPTS = 100
 #: Strings longer than this are elided from the JSON chat view of other items.
 _MAX_RENDERED_STRING = 4096
 _MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
@@ -428,52 +424,34 @@ class ConvstateSession:
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove the newest item and return it; None if the session is empty or missing.
 
-        Atomic against concurrent appends and compactions: under ``WATCH`` of the message list and
-        the meta hash it reads the newest record and the totals, then ``MULTI``: ``RPOP`` the
-        record, ``HDEL`` its id from the id hash and ``LREM`` it from the id log (so it may be added
-        again), ``HINCRBY`` ``token_count`` by minus its tokens and ``message_count`` by -1, lower
-        ``head_count`` if the record was in the head (a system message or the summary with nothing
-        after it), set ``updated_at`` and refresh the TTL. A write by anyone in between fails the
-        ``EXEC`` and the pop is retried (up to :data:`MAX_POP_ATTEMPTS` times). Removing a summary
-        removes the compacted history it stands for. A record another client stored that reads as
-        several items (an assistant message with tool calls) is removed whole; its last item is
-        returned.
+        One script call (``lua/pop.lua``), atomic against concurrent appends, compactions and
+        pops, in one round trip: it reads the newest record and removes it from the message
+        list, forgets its id (id hash and id log, so it may be added again), lowers
+        ``token_count`` by its tokens and ``message_count`` by one, and ``head_count`` if the
+        record was in the head (a system message or the summary with nothing after it), sets
+        ``updated_at`` from the server's clock and refreshes the session's TTL. Removing a
+        summary removes the compacted history it stands for. A record another client stored
+        that reads as several items (an assistant message with tool calls) is removed whole;
+        its last item is returned.
+
+        **Memory full.** The script declares ``allow-oom`` (and on Redis 6.2 writes a freeing
+        ``LTRIM`` first), so a pop works when Redis is at ``maxmemory`` with ``noeviction``:
+        it only frees memory. **Compaction state** is left as it is: a session queued or
+        being compacted stays so even if the pop takes it under its token limit (the daemon
+        plans from the totals it reads when it claims the session, and gives back one that
+        fits its target); an idle session is flagged by the next append that passes its limit.
+
+        Raises :class:`~convstate.errors.SessionCorruptedError` if some of the session's keys
+        were evicted (its meta counts messages but its list or id hash is gone, or its meta
+        is gone but its messages survive), :class:`~convstate.errors.RecordDecodeError` if the
+        newest record is not one convstate wrote (nothing is popped in either case), and
+        :class:`~convstate.errors.ScriptNotLoadedError` as every script call does.
         """
-        keys = self._keys
-        async with self.store.client() as client, client.pipeline(transaction=True) as pipe:
-            for _ in range(MAX_POP_ATTEMPTS):
-                try:
-                    await pipe.watch(keys.msgs, keys.meta)
-                    raw = await pipe.lindex(keys.msgs, -1)
-                    count, head, ttl = await pipe.hmget(
-                        keys.meta, ["message_count", "head_count", "ttl"]
-                    )
-                    if raw is None or count is None:
-                        await pipe.reset()  # type: ignore[no-untyped-call]
-                        return None
-                    record = decode_record(raw)
-                    message_count, head_count, ttl_ms = int(count), int(head or 0), int(ttl or 0)
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.rpop(keys.msgs)
-                    if isinstance(record.get("id"), str):
-                        pipe.hdel(keys.ids, record["id"])
-                        pipe.lrem(keys.idlog, -1, record["id"])  # near the tail
-                    pipe.hincrby(keys.meta, "token_count", -int(record.get("tokens") or 0))
-                    pipe.hincrby(keys.meta, "message_count", -1)
-                    pipe.hset(keys.meta, "updated_at", now_ms())
-                    if head_count >= message_count:  # the popped record was in the head
-                        pipe.hset(keys.meta, "head_count", max(0, head_count - 1))
-                    if ttl_ms > 0:
-                        for key in (keys.msgs, keys.meta, keys.ids, keys.idlog):
-                            pipe.pexpire(key, ttl_ms)
-                    await pipe.execute()
-                except WatchError:
-                    continue
-                return _items([record])[-1]
-        raise ConvstateError(
-            f"pop_item on session {self.session_id!r} lost the race to concurrent writes "
-            f"{MAX_POP_ATTEMPTS} times in a row; try again"
-        )
+        # The store's script runner: EVALSHA, NOSCRIPT reloads, typed errors.
+        raw = await self.store._run(self.store.ops.pop(self.session_id))
+        if raw is None:
+            return None
+        return _items([decode_record(raw)])[-1]
 
     async def clear_session(self) -> None:
         """Delete the session (items, system message(s), context and limit)."""
