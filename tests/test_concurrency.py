@@ -4,11 +4,18 @@ Every writer process builds its own store from the URL and appends its own numbe
 (explicit ids, singles and ``append_many`` batches) to the same sessions, which pass their
 token limit during the run. Afterwards every message is stored exactly once, each writer's
 order is kept, the totals are exact, and each session was flagged for compaction exactly once.
+
+Poppers and appenders: processes pop (``ConvstateSession.pop_item``, one pop.lua call each)
+and append items to one session at once. Afterwards every item is either popped once or
+still stored, never both and never lost, no popped id is left in the id hash or log, and the
+totals, the head count and the id hash agree with the stored records.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import multiprocessing
 import queue
 import time
@@ -21,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 
-from convstate import ConversationStore
+from convstate import AsyncConversationStore, ConversationStore
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -222,3 +229,143 @@ def check_session(
     # Nothing else is queued in that shard (but the sessions that happen to share it).
     queued_here = {s for s in SESSIONS if store.schema.session(s).queue == keys.queue}
     assert set(members) == queued_here
+
+
+# -- poppers and appenders on one session ------------------------------------------------------
+
+POP_SESSION = "conc-pop"
+APPENDERS = 2
+POPPERS = 2
+PER_APPENDER = 60  # items each appender adds, in adds of 1 or 2
+POPS = 50  # pops of each popper
+#: Items the session holds before the run (after its system message).
+INITIAL = 10
+POP_RUN_TIMEOUT = 120.0
+
+Item = dict[str, Any]
+
+
+def pop_item_for(who: str, seq: int) -> Item:
+    return {"role": "user" if seq % 2 == 0 else "assistant", "content": f"{who} item {seq}"}
+
+
+def pop_worker_main(
+    url: str,
+    prefix: str,
+    role: str,
+    worker: int,
+    barrier: Barrier,
+    reports: Queue[WriterReport],
+) -> None:
+    """Body of one popper or appender process (spawned)."""
+    from convstate.adapters.openai_agents import ConvstateSession
+
+    report: WriterReport = {"writer": f"{role}-{worker}", "error": None, "popped": []}
+
+    async def run() -> None:
+        async with AsyncConversationStore.from_url(
+            url, token_limit=100_000, encoding=ENC, prefix=prefix
+        ) as store:
+            session = ConvstateSession(POP_SESSION, store, create=False)
+            await session.get_items(1)  # connected before the start
+            barrier.wait(timeout=POP_RUN_TIMEOUT)
+            if role == "pop":
+                for _ in range(POPS):
+                    item = await session.pop_item()
+                    if item is not None:
+                        report["popped"].append(item)
+                return
+            seq = 0
+            while seq < PER_APPENDER:
+                size = 1 if seq % 3 else 2
+                batch = [pop_item_for(f"a{worker}", i) for i in range(seq, seq + size)]
+                await session.add_items(batch)  # type: ignore[arg-type]
+                seq += size
+
+    try:
+        asyncio.run(run())
+    except BaseException:
+        report["error"] = traceback.format_exc()
+        barrier.abort()
+    reports.put(report)
+    if report["error"] is not None:
+        raise SystemExit(1)
+
+
+@pytest.mark.slow
+def test_concurrent_poppers_and_appenders_lose_nothing_and_pop_nothing_twice(
+    redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    from convstate.adapters.openai_agents import ConvstateSession
+
+    started = time.monotonic()
+    deadline = started + POP_RUN_TIMEOUT
+    system: Item = {"role": "system", "content": "You are terse."}
+    initial = [pop_item_for("init", i) for i in range(INITIAL)]
+
+    async def setup() -> None:
+        async with AsyncConversationStore.from_url(
+            redis_url, token_limit=100_000, encoding=ENC, prefix=prefix
+        ) as store:
+            await store.create_session(POP_SESSION, system=system["content"])
+            await ConvstateSession(POP_SESSION, store).add_items(initial)  # type: ignore[arg-type]
+
+    asyncio.run(setup())
+    ctx = multiprocessing.get_context("spawn")
+    workers = [("append", w) for w in range(APPENDERS)] + [("pop", w) for w in range(POPPERS)]
+    barrier = ctx.Barrier(len(workers))
+    reports: Queue[WriterReport] = ctx.Queue()
+    processes: list[BaseProcess] = [
+        ctx.Process(
+            target=pop_worker_main,
+            args=(redis_url, prefix, role, w, barrier, reports),
+            name=f"{role}-{w}",
+            daemon=True,
+        )
+        for role, w in workers
+    ]
+    for p in processes:
+        p.start()
+    try:
+        got = collect(processes, reports, deadline)
+        for p in processes:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        reports.close()
+        reports.join_thread()
+    errors = [rep["error"] for rep in got if rep["error"]]
+    assert not errors, "\n".join(errors)
+    assert [p.exitcode for p in processes] == [0] * len(workers)
+
+    store = ConversationStore.from_url(redis_url, token_limit=100_000, encoding=ENC, prefix=prefix)
+    try:
+        keys = store.schema.session(POP_SESSION)
+        records = [json.loads(raw) for raw in r.lrange(keys.msgs, 0, -1)]
+        state = store.get_state(POP_SESSION)
+    finally:
+        store.close()
+    key = json.dumps
+    popped = [key(item) for rep in got for item in rep["popped"]]
+    stored = [key(rec["item"]) if "item" in rec else key(system) for rec in records]
+    appended = [pop_item_for(f"a{w}", i) for w in range(APPENDERS) for i in range(PER_APPENDER)]
+    everything = [key(i) for i in [system, *initial, *appended]]
+    # Every item popped once or still stored: never both, never twice, never lost.
+    assert Counter(popped) + Counter(stored) == Counter(everything)
+    assert len(set(popped)) == len(popped)
+    # The poppers really raced the appenders: they popped items appended during the run.
+    assert set(popped) & {key(i) for i in appended}, "no pop raced an append"
+    # Exact totals, head count and id bookkeeping.
+    assert state.meta.token_count == sum(rec["tokens"] for rec in records)
+    assert state.meta.message_count == len(records)
+    head = 1 if records and records[0]["role"] == "system" else 0
+    assert state.meta.head_count == head
+    ids = {i.decode() for i in r.hkeys(keys.ids)}
+    log = [i.decode() for i in r.lrange(keys.idlog, 0, -1)]
+    assert sorted(log) == sorted(ids)
+    assert ids <= {rec["id"] for rec in records}  # no popped id is left behind
+    assert records[-1]["id"] in ids if records else not ids
+    assert time.monotonic() - started < POP_RUN_TIMEOUT
