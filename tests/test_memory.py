@@ -3,15 +3,16 @@
 * **noeviction at maxmemory** (``maxmemory`` set just under the memory in use, so every write
   that may grow memory is refused): a freshly started client reads, checks existence and
   deletes; appends, creates and context updates fail with ``MemoryFullError`` having written
-  nothing; a freshly started daemon starts and compacts every flagged session (claims,
-  heartbeats, swaps), which frees memory until appends work again; a swap that would grow
-  the data (``--archive``) is refused and retried later, the history untouched.
+  nothing; a fresh client's ``ConvstateSession.pop_item`` pops and keeps the totals exact (it
+  only frees memory); a freshly started daemon starts and compacts every flagged session
+  (claims, heartbeats, swaps), which frees memory until appends work again; a swap that would
+  grow the data (``--archive``) is refused and retried later, the history untouched.
 * **evicting policies**: the client and the daemon warn once about the policy (and say
   nothing when CONFIG GET is refused); a session that lost one of its keys raises
-  ``SessionCorruptedError`` naming the key, on reads, retried appends and
-  ``append(create=True)``; a session whose queue entry was lost is queued again by the
-  daemon's sweep. Each loss is made precisely with ``DEL`` of the one key, and once for real:
-  a server with ``allkeys-lru`` filled until it evicts.
+  ``SessionCorruptedError`` naming the key, on reads, retried appends, ``append(create=True)``
+  and pops; a session whose queue entry was lost is queued again by the daemon's sweep. Each
+  loss is made precisely with ``DEL`` of the one key, and once for real: a server with
+  ``allkeys-lru`` filled until it evicts.
 
 Every test runs on the engine of ``$CONVSTATE_TEST_ENGINE`` (Redis 7, Valkey 8, Redis 6.2).
 """
@@ -538,6 +539,9 @@ def test_real_eviction_never_answers_a_partly_evicted_session(
     try:
         admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 2_000_000)
         with sync_store(lru_server.url, prefix) as store:
+            # As at a deploy: the scripts are loaded before memory fills up (a script loaded
+            # by the checks below would grow memory there, and Redis would evict more).
+            Admin(admin, store.schema).load_scripts()
             sids: list[str] = []
             for n in range(3000):  # bounded: ~2 MB fills in a few hundred sessions
                 sid = f"e{n}"
@@ -550,12 +554,18 @@ def test_real_eviction_never_answers_a_partly_evicted_session(
             for sid in sids:
                 keys = store.schema.session(sid)
                 present = [bool(admin.exists(k)) for k in (keys.meta, keys.msgs, keys.ids)]
+                pop = store.ops.pop(sid)  # ConvstateSession.pop_item's script
                 if not present[0]:
+                    if present[1]:  # messages without meta: pop_item does not pop them
+                        with pytest.raises(SessionCorruptedError, match=re.escape(keys.meta)):
+                            store._run(pop)
                     continue  # meta gone: the session no longer exists for reads
                 if not present[1]:
                     for read in (store.get_state, store.get_context):
                         with pytest.raises(SessionCorruptedError, match=re.escape(keys.msgs)):
                             read(sid)
+                    with pytest.raises(SessionCorruptedError, match=re.escape(keys.msgs)):
+                        store._run(pop)
                     partly += 1
                     continue
                 state = store.get_state(sid)
@@ -565,6 +575,8 @@ def test_real_eviction_never_answers_a_partly_evicted_session(
                 if not present[2]:
                     with pytest.raises(SessionCorruptedError, match=re.escape(keys.ids)):
                         store.append(sid, turn(sid, 0))
+                    with pytest.raises(SessionCorruptedError, match=re.escape(keys.ids)):
+                        store._run(pop)
                     partly += 1
             assert partly > 0, "no session was partly evicted; fill more"
     finally:
