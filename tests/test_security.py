@@ -493,6 +493,30 @@ async def test_documented_acl_covers_retry_lease_expiry_requeue_and_fencing(
     assert u.refusals() == EXPECTED_REFUSALS
 
 
+async def test_documented_acl_runs_the_agents_session(acl_user: AclUser) -> None:
+    """The OpenAI Agents adapter under the documented app user: add, read (the limit read is a
+    MULTI), pop (pop.lua: only commands the line grants) and clear, with no refusal."""
+    from convstate.adapters.openai_agents import ConvstateSession
+
+    u = acl_user
+    items: list[Any] = [
+        {"role": "user", "content": "Plan a trip to Kyoto."},
+        {"role": "assistant", "content": "Three days: temples, food, gardens."},
+    ]
+    async with AsyncConversationStore.from_url(
+        u.url, token_limit=TOKEN_LIMIT, encoding=ENCODING, prefix=u.prefix, shards=SHARDS
+    ) as astore:
+        session = ConvstateSession("acl-agents", astore)
+        await session.add_items(items)
+        assert await session.get_items() == items
+        assert await session.get_items(1) == items[1:]
+        assert await session.pop_item() == items[1]
+        assert await session.get_items() == items[:1]
+        await session.clear_session()
+        assert await session.pop_item() is None
+    assert u.refusals() == EXPECTED_REFUSALS
+
+
 def test_acl_user_cannot_touch_keys_outside_its_prefix(acl_user: AclUser) -> None:
     u = acl_user
     outside = ["other:key", f"{u.prefix}x:config", f"x{u.prefix}:config", "cs:config"]
