@@ -550,6 +550,10 @@ def test_real_eviction_never_answers_a_partly_evicted_session(
                 if int(admin.info("stats")["evicted_keys"]) > 300:
                     break
             assert int(admin.info("stats")["evicted_keys"]) > 0
+            # Stop evicting before the checks: Redis >= 6.2 and Valkey go on evicting in the
+            # background while over maxmemory, and a key evicted between a check and the read
+            # it predicts failed this test at random.
+            admin.config_set("maxmemory", 0)
             partly = 0
             for sid in sids:
                 keys = store.schema.session(sid)
