@@ -5,9 +5,9 @@ key prefix. Covered:
 
 1. both clients with ``cluster=True``: every operation over sessions spread on all 3 masters,
    no CROSSSLOT reply anywhere, scripts reloaded after ``SCRIPT FLUSH`` on every node;
-2. compaction: the Compactor's WATCH/MULTI swap on an asyncio RedisCluster (also when the
-   session is still over its limit after the swap, and when the slot moves between WATCH and
-   EXEC while an app appends), and an in-process daemon woken by pub/sub;
+2. compaction: the Compactor's swap (lua/swap.lua) on an asyncio RedisCluster (also when the
+   session is still over its limit after the swap, and when the slot moves during a
+   compaction while an app appends), and an in-process daemon woken by pub/sub;
 3. the operator CLI with ``--cluster`` (``stats`` as a process; inspect, compact, requeue);
 4. the shard -> slot -> master spread of the default 1,024 shards;
 5. ``wait_replicas``: WAIT after each append on the cluster and on a standalone master with a

@@ -434,7 +434,7 @@ async def wait_for_start(daemon: Daemon, task: asyncio.Task[None], timeout: floa
 
 class LeaseThief:
     """A summarizer that lets another holder take the lease while it runs, so that the swap
-    is fenced (WATCH, then UNWATCH)."""
+    is fenced (swap.lua finds another lease token and writes nothing)."""
 
     name = "thief"
 
