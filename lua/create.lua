@@ -2,14 +2,15 @@
   Create a session, optionally with its system message(s) and initial context. created_at and
   updated_at are the server's clock (TIME). A retry of a call that created the session (its
   reply was lost) is recognised by the creation token kept in meta, and answers created 1.
-  Leftovers of an expired session with the same id (its id hash, id log or archive) are
-  deleted: a new session starts clean.
+  Leftovers of an expired session with the same id (its id hash, id log, archive or
+  remembered pop) are deleted: a new session starts clean.
   Input:
     KEYS[1] messages list    <prefix>:{<shard>}:s:<sid>:msgs
     KEYS[2] meta hash        <prefix>:{<shard>}:s:<sid>:meta
     KEYS[3] message-id hash  <prefix>:{<shard>}:s:<sid>:ids
     KEYS[4] message-id log   <prefix>:{<shard>}:s:<sid>:idlog
     KEYS[5] archive list     <prefix>:{<shard>}:s:<sid>:archive
+    KEYS[6] remembered pop   <prefix>:{<shard>}:s:<sid>:popped   (see pop.lua)
     ARGV[1] creation token (random, one per create_session call; the same in its retries)
     ARGV[2] session id
     ARGV[3] token limit (positive integer)
@@ -24,17 +25,18 @@
       created 1: created by this call, or by an earlier attempt of it (same token)
       created 0: the session existed (ARGV[5] "1"); meta and messages are its current ones
     error "CS_EXISTS ..."  the session exists (created by another call) and ARGV[5] is "0"
-    error "CS_BADARG ..."  malformed ARGV (only a caller bypassing the client sees this), or
-                           system messages of more than MAX tokens
+    error "CS_BADARG ..."  malformed KEYS or ARGV (only a caller bypassing the client sees
+                           this), or system messages of more than MAX tokens
     error "OOM ..."        (Redis) memory is full: refused before any write
   A rejected call writes nothing.
 ]]
 local MAX = 9007199254740991  -- 2^53 - 1
 local msgs, meta, ids, idlog, archive = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local popped = KEYS[6]
 local token, sid = ARGV[1], ARGV[2]
 local limit, ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
 -- Each number check is written so that NaN (false in every comparison) fails it.
-if not token or token == '' or not sid or sid == ''
+if #KEYS ~= 6 or not token or token == '' or not sid or sid == ''
     or not (limit and limit >= 1 and limit <= MAX and limit % 1 == 0)
     or not (ttl and ttl >= 0 and ttl <= MAX and ttl % 1 == 0)
     or not (n and n >= 0 and n <= MAX and n % 1 == 0) or (ARGV[5] ~= '0' and ARGV[5] ~= '1') then
@@ -81,7 +83,7 @@ redis.call('HSET', meta, 'created_at', now, 'updated_at', now, 'token_count', to
   'message_count', n, 'token_limit', limit, 'ttl', ttl, 'head_count', n, 'state', 'idle',
   'epoch', 0, 'appended', n, 'create_token', token)
 -- Leftovers of an expired session (keys expire one by one) must not leak into a new one.
-redis.call('DEL', msgs, ids, idlog, archive)
+redis.call('DEL', msgs, ids, idlog, archive, popped)
 for i = 0, n - 1 do
   local base = 7 + 4 * i
   redis.call('HSET', ids, ARGV[base], ARGV[base + 3])

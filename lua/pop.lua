@@ -6,9 +6,25 @@
   message, or the summary with nothing after it); updated_at is the server's clock (TIME);
   refreshes the session's TTL, as every write does. One atomic call: no append, compaction
   swap or other pop can land in between.
-  Flags: allow-oom: it runs when Redis memory is full (a pop only frees memory; its other
-  writes are a few small fields). Without flags (Redis 6.2) Redis refuses only a script's first
-  write that may grow memory, so its first write frees (LTRIM; DEL for a 0.1 id set).
+  Retries: a pop keeps its token (ARGV[2], random per pop_item call and the same in its
+  retries) and the record it popped in the remembered-pop hash (KEYS[6]) for ARGV[3] ms. A call
+  whose token is kept there is a retry of that pop (its reply was lost): it returns the same
+  record and pops nothing, also if the session changed in between (appends, other pops, a
+  compaction): that record is what the call popped, and popping again would lose the next
+  one, which no caller would receive. Only the session's last pop is kept (each pop replaces
+  it): a retry that arrives after another client's pop of the same session is not recognised
+  and pops again. A call that popped nothing (nil, or an error) keeps nothing: its retry pops
+  what is there then, and returns it, so nothing is lost. delete_session removes the hash, and
+  create_session removes one left by an expired session.
+  Flags: allow-oom: it runs when Redis memory is full (a pop frees its record, keeps about as
+  many bytes for its retries (see Memory), and writes a few small fields). Without flags (Redis 6.2) Redis refuses only a script's first
+  write that may grow memory, so its first write frees (LTRIM; DEL for a 0.1 id set); the
+  remembered record is written after the LTRIM, so it is never the first write.
+  Memory: keeping the record for its retries is net neutral: the LTRIM frees the record's
+  bytes from the list and the remembered-pop hash takes as many back, plus the token and the
+  key (a few hundred bytes: 160-340 measured on Redis 7.0), for ARGV[3] ms (about a minute)
+  after the session's last pop, and one record per session at most; then it expires (its
+  PEXPIRE is its own window, not the session's TTL, which no write refreshes).
   The compaction state is left as it is: a queued or running session stays so even when the
   pop takes it under its limit (the daemon plans from the totals it reads when it claims it,
   and gives back a session that fits its target), and an idle one is flagged again by the
@@ -19,9 +35,14 @@
     KEYS[3] message-id hash  <prefix>:{<shard>}:s:<sid>:ids      id -> record digest
     KEYS[4] message-id log   <prefix>:{<shard>}:s:<sid>:idlog    the ids, oldest first
     KEYS[5] archive list     <prefix>:{<shard>}:s:<sid>:archive  (only its expiry is touched)
+    KEYS[6] remembered pop   <prefix>:{<shard>}:s:<sid>:popped   {token = <pop token>,
+                                                                  record = <popped JSON>}
     ARGV[1] session id (for error messages)
+    ARGV[2] pop token (random, one per pop_item call; the same in its retries)
+    ARGV[3] how long the popped record is remembered (ms, an integer in 1..2^53-1)
   Output:
-    the popped record (its JSON, as stored), or nil: the session is empty or does not exist
+    the popped record (its JSON, as stored), or nil: the session is empty or does not exist;
+      a retry of a pop (ARGV[2] kept in KEYS[6]) returns the record that pop removed
     error "CS_CORRUPT ..."    some of the session's keys are missing (evicted): its meta says
                               it holds messages but its list or id hash is gone, or its meta
                               is gone but its messages survive
@@ -33,9 +54,17 @@
 ]]
 local MAX = 9007199254740991  -- 2^53 - 1
 local msgs, meta, ids, idlog, archive = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local sid = ARGV[1]
-if #KEYS ~= 5 or #ARGV ~= 1 or sid == '' then
+local popped = KEYS[6]
+local sid, token, window = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- (NaN fails every comparison, so it fails the window check.)
+if #KEYS ~= 6 or #ARGV ~= 3 or sid == '' or token == ''
+    or not (window and window >= 1 and window <= MAX and window % 1 == 0) then
   return redis.error_reply('CS_BADARG pop: malformed arguments')
+end
+
+local last = redis.call('HMGET', popped, 'token', 'record')
+if last[1] == token and last[2] then
+  return last[2]  -- a retry: this call already popped that record (see the header)
 end
 
 local m = redis.call('HMGET', meta, 'token_limit', 'message_count', 'head_count', 'ttl',
@@ -98,6 +127,9 @@ if id and type(redis.pcall('HGET', ids, id)) == 'table' then
 end
 -- The first write (this, or the DEL above) never grows memory (see the header).
 redis.call('LTRIM', msgs, 0, -2)
+-- Remembered for the call's retries; written after the LTRIM, which freed as many bytes.
+redis.call('HSET', popped, 'token', token, 'record', raw)
+redis.call('PEXPIRE', popped, window)
 if id then
   redis.call('HDEL', ids, id)
   redis.call('LREM', idlog, -1, id)  -- near the tail

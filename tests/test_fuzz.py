@@ -597,7 +597,14 @@ def settle(
 
 def session_keys(f: Fixture, sid: str) -> set[bytes]:
     k = f.store.schema.session(sid)
-    return {k.msgs.encode(), k.meta.encode(), k.ids.encode(), k.idlog.encode(), k.deleted.encode()}
+    return {
+        k.msgs.encode(),
+        k.meta.encode(),
+        k.ids.encode(),
+        k.idlog.encode(),
+        k.deleted.encode(),
+        k.popped.encode(),
+    }
 
 
 # -- part 1: the public API ---------------------------------------------------------------------
@@ -792,7 +799,9 @@ def test_fuzz_store_settings(
             meta = store.get_state("a").meta
             assert (meta.token_limit, meta.ttl) == (token_limit, ttl)
             if ttl is not None:
-                for key in session_keys(f, "a") - {store.schema.session("a").deleted.encode()}:
+                keys = store.schema.session("a")
+                # (the tombstone and the remembered pop expire by their own windows)
+                for key in session_keys(f, "a") - {keys.deleted.encode(), keys.popped.encode()}:
                     assert 0 < client.pttl(key) <= ttl * 1000
             settle(f, lambda: store.get_context("a"), read_only=True)
     finally:
@@ -926,7 +935,7 @@ def script_keys(schema: KeySchema, name: str, sid: str) -> list[str]:
     k = schema.session(sid)
     return {
         "append": [k.msgs, k.meta, k.ids, k.queue, k.idlog, k.archive],
-        "create": [k.msgs, k.meta, k.ids, k.idlog, k.archive],
+        "create": [k.msgs, k.meta, k.ids, k.idlog, k.archive, k.popped],
         "read": [k.msgs, k.meta],
         "state": [k.msgs, k.meta],
         "update_context": [k.msgs, k.meta, k.ids, k.idlog, k.archive],
@@ -940,6 +949,7 @@ def script_keys(schema: KeySchema, name: str, sid: str) -> list[str]:
             k.dead,
             k.idlog,
             k.deleted,
+            k.popped,
         ],
         "claim": [k.queue, k.running, k.meta],
         "heartbeat": [k.running, k.meta],
@@ -948,7 +958,7 @@ def script_keys(schema: KeySchema, name: str, sid: str) -> list[str]:
         "requeue": [k.queue, k.meta, k.dead],
         "peek": [k.queue, k.running, k.dead],
         "swap": [k.msgs, k.meta, k.ids, k.queue, k.running, k.archive, k.idlog],
-        "pop": [k.msgs, k.meta, k.ids, k.idlog, k.archive],
+        "pop": [k.msgs, k.meta, k.ids, k.idlog, k.archive, k.popped],
     }[name]
 
 
@@ -1040,7 +1050,8 @@ def valid_argv(data: st.DataObject, name: str, sid: str, channel: str) -> list[A
         tokens = [data.draw(ints), data.draw(ints)]
         return [sid, token, 1, tokens[0], 1, tokens[1], 0, 0, ratio, "sum-1", head, "m1"]
     if name == "pop":
-        return [sid]
+        token = data.draw(st.sampled_from(["token-1", "token-2"]), label="pop token")
+        return [sid, token, data.draw(st.sampled_from([1, 60_000]), label="window")]
     assert name == "peek"
     return []
 
@@ -1301,7 +1312,7 @@ def template_argvs(name: str, sid: str, channel: str) -> list[list[Any]]:
         "reap": [[sid, 5]],
         "requeue": [[sid, channel, which] for which in ("any", "dead")],
         "peek": [[]],
-        "pop": [[sid]],
+        "pop": [[sid, "token-1", 60_000]],
         "swap": [
             [sid, token, 1, 10, 1, 5, archive, 0, 0.5, "sum-1", sum_body, "m1"]
             for token in (LEASE, "other")

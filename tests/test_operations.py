@@ -26,6 +26,7 @@ from convstate.errors import (
 )
 from convstate.keys import KeySchema, validate_session_id
 from convstate.operations import (
+    POP_RETRY_WINDOW_MS,
     Operations,
     StoreConfig,
     check_shard_config,
@@ -59,7 +60,18 @@ def test_session_keys_share_one_hash_tag_with_their_shard_queues() -> None:
     shard = zlib.crc32(b"chat:42") % 1024
     assert k.shard == shard
     tag = f"{{{shard}}}"
-    for key in (k.msgs, k.meta, k.ids, k.archive, k.queue, k.running):
+    for key in (
+        k.msgs,
+        k.meta,
+        k.ids,
+        k.idlog,
+        k.archive,
+        k.deleted,
+        k.popped,
+        k.queue,
+        k.running,
+        k.dead,
+    ):
         assert key.startswith(f"app:{tag}:")
         assert key.index("{") == key.index(tag)  # the first {...} is the shard tag
     assert k.msgs == f"app:{tag}:s:chat:42:msgs"
@@ -193,6 +205,21 @@ def test_append_op_arguments() -> None:
         "queued",
         0,
     )
+
+
+def test_pop_op_carries_a_token_per_call_and_the_remembered_pop_key() -> None:
+    o = ops()
+    k = KeySchema("cs", 16).session("s")
+    first, second = o.pop("s"), o.pop("s")
+    assert first.script == "pop"
+    assert first.keys == [k.msgs, k.meta, k.ids, k.idlog, k.archive, k.popped]
+    assert k.popped == f"cs:{{{k.shard}}}:s:s:popped"
+    assert first.args[0] == "s"
+    assert first.args[2] == POP_RETRY_WINDOW_MS == 60_000
+    # A random token per call (its retries resend the same op, so the same token).
+    assert isinstance(first.args[1], str)
+    assert len(first.args[1]) == 32
+    assert first.args[1] != second.args[1]
 
 
 def test_to_api_message_keeps_only_chat_fields() -> None:

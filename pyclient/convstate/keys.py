@@ -6,7 +6,9 @@
     <prefix>:{<shard>}:s:<session_id>:meta     HASH  totals, limit, state, lease, context
     <prefix>:{<shard>}:s:<session_id>:ids      HASH  message id -> record digest (idempotency)
     <prefix>:{<shard>}:s:<session_id>:idlog    LIST  the ids of :ids, oldest first (its bound)
-    <prefix>:{<shard>}:s:<session_id>:deleted  STRING  the token of a delete, for ~60 s (retries)
+    <prefix>:{<shard>}:s:<session_id>:deleted  HASH  the token of a delete, for 60 s (retries)
+    <prefix>:{<shard>}:s:<session_id>:popped   HASH  the last pop's token and record, for 60 s
+                                                     (retries of pop_item)
     <prefix>:{<shard>}:s:<session_id>:archive  LIST  folded originals (optional)
     <prefix>:{<shard>}:q                       ZSET  flagged sessions (score = flagged-at ms)
     <prefix>:{<shard>}:run                     ZSET  sessions being compacted (lease deadline)
@@ -76,6 +78,7 @@ class SessionKeys:
     archive: str
     idlog: str
     deleted: str
+    popped: str
     queue: str
     running: str
     dead: str
@@ -156,6 +159,7 @@ def _session_keys(prefix: str, shards: int, session_id: str) -> SessionKeys:
         archive=f"{base}:archive",
         idlog=f"{base}:idlog",
         deleted=f"{base}:deleted",
+        popped=f"{base}:popped",
         queue=f"{tag}:q",
         running=f"{tag}:run",
         dead=f"{tag}:dead",

@@ -81,6 +81,12 @@ DEFAULT_ID_WINDOW = 100
 #: ``delete_session`` call (its reply was lost) still answers True.
 DELETE_RETRY_WINDOW_MS = 60_000
 
+#: How long, in milliseconds, a pop (the Agents adapter's ``pop_item``) remembers its token and
+#: the record it popped, so that a retry of the same call (its reply was lost) returns that
+#: record again instead of popping a second one. One record per session at most (the last
+#: pop's), net neutral in memory: the pop freed as many bytes from the message list.
+POP_RETRY_WINDOW_MS = 60_000
+
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
 DEFAULT_READ_CHUNK = 32
 
@@ -95,7 +101,8 @@ def new_message_id() -> str:
 
 
 def new_token() -> str:
-    """A random token that makes one create or delete call recognisable in its retries."""
+    """A random token that makes one create, delete or pop call recognisable in its
+    retries."""
     return os.urandom(16).hex()
 
 
@@ -729,7 +736,10 @@ class Operations:
             return self._decode_state(session_id, reply[1], reply[2])
 
         return Op(
-            "create", [keys.msgs, keys.meta, keys.ids, keys.idlog, keys.archive], args, decode
+            "create",
+            [keys.msgs, keys.meta, keys.ids, keys.idlog, keys.archive, keys.popped],
+            args,
+            decode,
         )
 
     def append(
@@ -870,6 +880,7 @@ class Operations:
                 keys.dead,
                 keys.idlog,
                 keys.deleted,
+                keys.popped,
             ],
             [session_id, new_token(), DELETE_RETRY_WINDOW_MS],
             lambda reply: bool(int(reply)),
@@ -877,12 +888,17 @@ class Operations:
 
     def pop(self, session_id: str) -> Op[bytes | str | None]:
         """Remove the session's newest record (pop.lua): its raw JSON, or None when the
-        session is empty or missing. Runs when Redis memory is full (``allow-oom``)."""
+        session is empty or missing. Runs when Redis memory is full (``allow-oom``).
+
+        One call: the op carries a random token, the same in every retry of it (redis-py's,
+        or the fast path's fallback), which pop.lua remembers with the record it popped for
+        :data:`POP_RETRY_WINDOW_MS`; a retry of a pop that ran returns that record and pops
+        nothing. Build a new op for each pop."""
         keys = self.schema.session(session_id)
         return Op(
             "pop",
-            [keys.msgs, keys.meta, keys.ids, keys.idlog, keys.archive],
-            [session_id],
+            [keys.msgs, keys.meta, keys.ids, keys.idlog, keys.archive, keys.popped],
+            [session_id, new_token(), POP_RETRY_WINDOW_MS],
             lambda reply: reply,
         )
 

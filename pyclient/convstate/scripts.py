@@ -14,10 +14,10 @@ it gets :class:`~convstate.errors.ScriptNotLoadedError` telling to run ``convsta
 load`` (the administrator's role, see docs/security.md).
 
 **Script flags**: the scripts that must run when Redis memory is full (the compaction's claim,
-heartbeat, release and reap; the Agents adapter's pop, which only frees memory) start with
-``#!lua flags=allow-oom`` (Redis >= 7.0, Valkey). A server without script flags (Redis 6.2,
-fakeredis) cannot compile that line: the script is then run in its flag-less form
-(:func:`without_flags`: the shebang becomes a Lua comment), in which Redis refuses only a
+heartbeat, release and reap; the Agents adapter's pop, which frees about what it keeps for its
+retries) start with ``#!lua flags=allow-oom`` (Redis >= 7.0, Valkey). A server without script
+flags (Redis 6.2, fakeredis) cannot compile that line: the script is then run in its flag-less
+form (:func:`without_flags`: the shebang becomes a Lua comment), in which Redis refuses only a
 script's *first* write that may grow memory. Each of these scripts therefore starts writing
 with a command that frees memory (ZREM, HDEL, LTRIM), so it runs at maxmemory there too.
 ``convstate scripts load`` loads the form the server accepts; on a NOSCRIPT reply a client

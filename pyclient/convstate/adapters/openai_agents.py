@@ -48,7 +48,8 @@ converted back (an assistant message with tool calls becomes its text message, i
 
 **pop_item** removes the newest record in one atomic script call (``lua/pop.lua``: drop it,
 forget its id, lower the token and message totals, and the head count when the record belonged
-to the head), with no retries under contention; it also works when Redis memory is full. See
+to the head), with no retries under contention; it also works when Redis memory is full, and
+a retry of it (a reply lost to a timeout) pops nothing twice. See
 :meth:`ConvstateSession.pop_item`.
 
 **Missing sessions.** With ``create=True`` (the default) a missing session reads as empty and
@@ -434,12 +435,21 @@ class ConvstateSession:
         that reads as several items (an assistant message with tool calls) is removed whole;
         its last item is returned.
 
+        **Retries.** Each call sends a random token, the same in redis-py's retries of it;
+        the script keeps the token and the record it popped for a minute
+        (:data:`~convstate.operations.POP_RETRY_WINDOW_MS`). A retry of a pop that ran on the
+        server but whose reply was lost (a timeout) returns that same item and pops nothing
+        more, even if the session changed in between. Only the session's last pop is kept:
+        a retry arriving after another client's pop of the same session pops again.
+
         **Memory full.** The script declares ``allow-oom`` (and on Redis 6.2 writes a freeing
         ``LTRIM`` first), so a pop works when Redis is at ``maxmemory`` with ``noeviction``:
-        it only frees memory. **Compaction state** is left as it is: a session queued or
-        being compacted stays so even if the pop takes it under its token limit (the daemon
-        plans from the totals it reads when it claims the session, and gives back one that
-        fits its target); an idle session is flagged by the next append that passes its limit.
+        it frees the record's bytes, which its copy kept for retries takes back for a minute
+        (net neutral, plus a few hundred bytes). **Compaction state** is left as it is: a
+        session queued or being compacted stays so even if the pop takes it under its token
+        limit (the daemon plans from the totals it reads when it claims the session, and gives
+        back one that fits its target); an idle session is flagged by the next append that
+        passes its limit.
 
         Raises :class:`~convstate.errors.SessionCorruptedError` if some of the session's keys
         were evicted (its meta counts messages but its list or id hash is gone, or its meta
