@@ -503,6 +503,55 @@ def test_delete_retried_across_a_frozen_server_returns_true(
         store.close()
 
 
+def test_pop_item_retried_across_a_frozen_server_pops_one_record(
+    private_server: RedisServer, prefix: str
+) -> None:
+    """The Agents adapter's pop_item, its first attempt cut off by the freeze and run by the
+    server when it wakes: the retry answers the record that attempt popped (its token is
+    remembered) and pops nothing more. Before, the retry popped a second record, lost."""
+    from convstate.adapters.openai_agents import ConvstateSession
+
+    loop = asyncio.new_event_loop()
+    store = AsyncConversationStore.from_url(
+        private_server.url,
+        token_limit=1000,
+        encoding=ENC,
+        prefix=prefix,
+        socket_timeout=FROZEN_SOCKET_TIMEOUT,
+        retry=redis.asyncio.retry.Retry(ConstantBackoff(FROZEN_BACKOFF), 3),
+    )
+    r = private_server.client()
+    try:
+        session = ConvstateSession("frozen-pop", store)
+        items = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"}
+            for i in range(4)
+        ]
+        loop.run_until_complete(session.add_items(items))
+        # Before the freeze: a connection, and pop.lua loaded (else the frozen first attempt
+        # would meet NOSCRIPT and run nothing).
+        assert loop.run_until_complete(ConvstateSession("warm-up", store).pop_item()) is None
+        calls = r.info("commandstats")["cmdstat_evalsha"]["calls"]
+        popped, took = frozen_across_first_attempt(
+            private_server, lambda: loop.run_until_complete(session.pop_item())
+        )
+        assert took >= FREEZE_SECONDS  # the first attempt really was cut off and retried
+        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] >= calls + 2
+        assert popped == items[-1]
+        # Exactly one record removed, and the totals are those of the records left.
+        assert loop.run_until_complete(session.get_items()) == items[:-1]
+        k = store.schema.session("frozen-pop")
+        records = [json.loads(raw) for raw in r.lrange(k.msgs, 0, -1)]
+        count, tokens = r.hmget(k.meta, ["message_count", "token_count"])
+        assert (int(count), int(tokens)) == (3, sum(rec["tokens"] for rec in records))
+        # A new call pops the next one.
+        assert loop.run_until_complete(session.pop_item()) == items[-2]
+    finally:
+        r.close()
+        loop.run_until_complete(store.aclose())
+        loop.close()
+
+
 def test_a_retried_delete_deletes_nothing_created_since(
     store: ConversationStore, r: redis.Redis
 ) -> None:

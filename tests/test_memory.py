@@ -3,9 +3,10 @@
 * **noeviction at maxmemory** (``maxmemory`` set just under the memory in use, so every write
   that may grow memory is refused): a freshly started client reads, checks existence and
   deletes; appends, creates and context updates fail with ``MemoryFullError`` having written
-  nothing; a fresh client's ``ConvstateSession.pop_item`` pops and keeps the totals exact (it
-  only frees memory); a freshly started daemon starts and compacts every flagged session
-  (claims, heartbeats, swaps), which frees memory until appends work again; a swap that would
+  nothing; a fresh client's ``ConvstateSession.pop_item`` pops, keeps the totals exact and
+  keeps the popped record for its retries (it frees as much); a freshly started daemon
+  starts and compacts every flagged session (claims, heartbeats, swaps), which frees memory
+  until appends work again; a swap that would
   grow the data (``--archive``) is refused and retried later, the history untouched.
 * **evicting policies**: the client and the daemon warn once about the policy (and say
   nothing when CONFIG GET is refused); a session that lost one of its keys raises
@@ -39,6 +40,7 @@ from convstate.compactor import Compactor, CompactorConfig
 from convstate.daemon import Daemon, DaemonSettings
 from convstate.errors import MemoryFullError, SessionCorruptedError
 from convstate.keys import KeySchema
+from convstate.operations import POP_RETRY_WINDOW_MS
 from convstate.planner import CompactionPolicy
 from convstate.summarizers import Summary, SummaryRequest
 from tests.servers import RedisServer, default_engine
@@ -158,9 +160,11 @@ async def test_a_fresh_async_client_reads_when_memory_is_full(
 async def test_pop_item_frees_memory_when_memory_is_full(
     full: redis.Redis, noeviction_server: RedisServer, prefix: str
 ) -> None:
-    """A pop only frees memory: at maxmemory a fresh client's ``ConvstateSession.pop_item``
+    """A pop frees memory: at maxmemory a fresh client's ``ConvstateSession.pop_item``
     returns the newest item and leaves the totals exact (a MULTI's HINCRBY / HSET would be
-    refused there), down to the system message; an append is still refused."""
+    refused there), down to the system message, and keeps the popped record for its retries
+    (written after the freeing LTRIM: on Redis 6.2 never the script's first write); an append
+    is still refused."""
     url = noeviction_server.url
     items: list[dict[str, Any]] = [
         {"role": "user" if i % 2 == 0 else "assistant", "content": turn("ag", i)["content"]}
@@ -190,6 +194,9 @@ async def test_pop_item_frees_memory_when_memory_is_full(
                 len(records),
                 1,
             ]
+            remembered = json.loads(full.hget(keys.popped, "record") or "null")
+            assert remembered["item"] == expected
+            assert 0 < full.pttl(keys.popped) <= POP_RETRY_WINDOW_MS
         assert await session.get_items() == [
             {"role": "system", "content": "You are terse."},
             items[0],
