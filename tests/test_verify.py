@@ -154,6 +154,17 @@ def _second_summary(r: redis.Redis, k: SessionKeys) -> None:
     r.rpush(k.idlog, "sum-x")
 
 
+def _remembered_pop_kept_for_ever(r: redis.Redis, k: SessionKeys) -> None:
+    """A copy of a record remembered without the window's PEXPIRE."""
+    record = r.lindex(k.msgs, -1)
+    r.hset(k.popped, mapping={"token": "t", "record": record})  # type: ignore[dict-item]
+
+
+def _remembered_pop_without_its_record(r: redis.Redis, k: SessionKeys) -> None:
+    r.hset(k.popped, "token", "t")
+    r.pexpire(k.popped, 60_000)
+
+
 BREAKAGES: dict[str, tuple[Callable[[redis.Redis, SessionKeys], None], str, str]] = {
     "record duplicated": (_duplicate_a_record, "duplicate", "stored 2 times"),
     "total off": (_total_off, "token_count", "!= "),
@@ -172,6 +183,16 @@ BREAKAGES: dict[str, tuple[Callable[[redis.Redis, SessionKeys], None], str, str]
     "id log out of step": (_id_log_out_of_step, "ids", "in the log, not the hash: never-appended"),
     "message count off": (_count_off, "message_count", "message_count"),
     "a summary at epoch 0": (_second_summary, "summary", "1 summaries at epoch 0"),
+    "remembered pop kept for ever": (
+        _remembered_pop_kept_for_ever,
+        "ids",
+        "the remembered pop never expires",
+    ),
+    "remembered pop without its record": (
+        _remembered_pop_without_its_record,
+        "ids",
+        "the remembered pop holds token, not a token and a JSON object record",
+    ),
 }
 
 
@@ -201,6 +222,21 @@ def test_each_violation_is_reported_and_fails_the_command(
     out = json.loads(proc.stdout)
     assert out["ok"] is False
     assert {v["kind"] for v in out["sessions"][0]["violations"]} == {kind}
+
+
+def test_a_session_after_a_pop_passes_and_its_remembered_pop_is_read(
+    store: ConversationStore, prefix: str, r: redis.Redis
+) -> None:
+    _conversation(store, "popped", 2)
+    newest = r.lindex(store.schema.session("popped").msgs, -1)
+    assert store._run(store.ops.pop("popped")) == newest  # what pop_item runs
+    report = verify_sessions(r, KeySchema(prefix, SHARDS), ["popped"])
+    assert report.ok, report.violations
+    snapshot = report.sessions[0].snapshot
+    assert snapshot.popped is not None
+    assert snapshot.popped["record"] == newest.decode()
+    assert snapshot.popped_ttl_ms is not None
+    assert 0 < snapshot.popped_ttl_ms <= 60_000
 
 
 def test_a_missing_session_a_foreign_record_and_no_session_named(

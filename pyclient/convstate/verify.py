@@ -16,7 +16,10 @@ even while apps append and daemons compact, and checks, from the stored state al
   (a retried append of it would otherwise be stored twice), and the id hash and its log (the
   same ids in append order, which bounds the hash to the store's ``id_window``) hold the
   same ids, each once. A session still in convstate 0.1's layout (an id *set*, no log; it is
-  taken over on its next append) gets the first check only;
+  taken over on its next append) gets the first check only. The remembered pop (the last
+  ``pop_item``'s token and record, kept for its retries), if any, holds both and expires
+  within :data:`~convstate.operations.POP_RETRY_WINDOW_MS` (else it would keep a copy of the
+  record for ever);
 * ``state``: the meta's ``state`` agrees with the shard's sets: ``queued`` iff in the queue,
   ``running`` iff in the running set (holding a lease whose ``lease_deadline`` is its score
   there), ``dead`` iff in the dead set, ``idle`` in none of them.
@@ -38,6 +41,7 @@ import redis
 
 from convstate.errors import ValidationError
 from convstate.keys import KeySchema
+from convstate.operations import POP_RETRY_WINDOW_MS
 
 __all__ = [
     "KINDS",
@@ -46,6 +50,7 @@ __all__ = [
     "VerifyReport",
     "Violation",
     "check_ids",
+    "check_popped",
     "check_session",
     "check_state",
     "check_totals",
@@ -76,8 +81,9 @@ class Violation:
 class SessionSnapshot:
     """A session as Redis holds it: its meta hash (``{}`` if the session does not exist), its
     message list and archive (decoded records, oldest first), its id set and its scores in
-    the shard's queue, running and dead sets. ``ids=None`` means the id hash was not read
-    (its check is skipped)."""
+    the shard's queue, running and dead sets, and its remembered pop (its fields, ``{}`` if
+    there is none) with its PTTL. ``ids=None`` means the id hash was not read (its check is
+    skipped), ``popped=None`` the remembered pop."""
 
     session_id: str
     meta: Mapping[str, str]
@@ -88,6 +94,8 @@ class SessionSnapshot:
     queued: float | None = None
     running: float | None = None
     dead: float | None = None
+    popped: Mapping[str, str] | None = None
+    popped_ttl_ms: int | None = None
 
     def num(self, name: str) -> int:
         """An integer field of the meta hash (0 when absent)."""
@@ -180,10 +188,12 @@ def read_snapshot(client: redis.Redis, schema: KeySchema, session_id: str) -> Se
     pipe.zscore(keys.queue, session_id)
     pipe.zscore(keys.running, session_id)
     pipe.zscore(keys.dead, session_id)
+    pipe.hgetall(keys.popped)
+    pipe.pttl(keys.popped)
     # One of HKEYS / SMEMBERS meets the other type (WRONGTYPE): keep that reply, raise others.
     replies = pipe.execute(raise_on_error=False)
-    meta, msgs, archive, in_hash, in_set, idlog, queued, running, dead = replies
-    for reply in (meta, msgs, archive, idlog, queued, running, dead):
+    meta, msgs, archive, in_hash, in_set, idlog, queued, running, dead, popped, ttl = replies
+    for reply in (meta, msgs, archive, idlog, queued, running, dead, popped, ttl):
         if isinstance(reply, Exception):
             raise reply
     legacy = isinstance(in_hash, redis.ResponseError) and not isinstance(in_set, Exception)
@@ -200,6 +210,8 @@ def read_snapshot(client: redis.Redis, schema: KeySchema, session_id: str) -> Se
         queued,
         running,
         dead,
+        {_text(k): _text(v) for k, v in popped.items()},
+        int(ttl),
     )
 
 
@@ -344,6 +356,39 @@ def check_ids(snapshot: SessionSnapshot) -> list[Violation]:
     return found
 
 
+def check_popped(snapshot: SessionSnapshot) -> list[Violation]:
+    """The remembered pop, if any (and read): a token and a JSON object record, expiring
+    within :data:`~convstate.operations.POP_RETRY_WINDOW_MS`."""
+    sid, popped, ttl = snapshot.session_id, snapshot.popped, snapshot.popped_ttl_ms
+    if not popped:
+        return []
+    found = []
+    if ttl is not None and not 0 <= ttl <= POP_RETRY_WINDOW_MS:
+        expiry = "never expires" if ttl == -1 else f"expires in {ttl} ms"
+        found.append(
+            Violation(
+                sid,
+                "ids",
+                f"{sid}: the remembered pop {expiry}; it is kept for retries for at most "
+                f"{POP_RETRY_WINDOW_MS} ms (else it keeps a copy of the popped record)",
+            )
+        )
+    try:
+        record = json.loads(popped.get("record", ""))
+    except ValueError:
+        record = None
+    if set(popped) != {"token", "record"} or not popped["token"] or not isinstance(record, dict):
+        found.append(
+            Violation(
+                sid,
+                "ids",
+                f"{sid}: the remembered pop holds {', '.join(sorted(popped))}, not a token and "
+                f"a JSON object record; was it written by something other than convstate?",
+            )
+        )
+    return found
+
+
 def check_session(snapshot: SessionSnapshot) -> list[Violation]:
     """Every :data:`KINDS` check of one session (pure: no I/O)."""
     sid = snapshot.session_id
@@ -363,6 +408,7 @@ def check_session(snapshot: SessionSnapshot) -> list[Violation]:
     found += check_totals(snapshot)
     found += _check_summary(snapshot)
     found += check_ids(snapshot)
+    found += check_popped(snapshot)
     found += check_state(snapshot)
     return found
 
