@@ -9,6 +9,8 @@ Fixtures:
 * ``prefix`` -- a unique key prefix per test, ``cst<8 hex>``.
 * ``r`` -- a synchronous ``redis.Redis`` client (closed after the test).
 * ``ar`` -- a ``redis.asyncio.Redis`` client (closed with ``aclose()`` after the test).
+* ``private_server`` -- a server of the test alone, for what would disturb the others: it may
+  be frozen (:func:`tests.servers.frozen`); it is continued and stopped after the test.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest_asyncio
 import redis
 import redis.asyncio
 
-from tests.servers import RedisServer, default_engine
+from tests.servers import RedisServer, default_engine, thaw
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +33,17 @@ def redis_server() -> Iterator[RedisServer]:
     try:
         yield server
     finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_server() -> Iterator[RedisServer]:
+    server = RedisServer(default_engine())
+    server.start()
+    try:
+        yield server
+    finally:
+        thaw(server)  # never leave it stopped
         server.stop()
 
 

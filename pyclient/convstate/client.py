@@ -59,6 +59,7 @@ from convstate.scripts import (
     run_script,
     script_not_loaded,
 )
+from convstate.timeouts import with_defaults
 from convstate.tokens import TiktokenCounter, TokenCounter
 from convstate.transport import (
     FastPathUnavailable,
@@ -369,13 +370,23 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
     ) -> AsyncConversationStore:
         """Connect to ``url`` (``redis://``, ``rediss://``, ``unix://``); ``cluster=True`` for
         a Redis Cluster (any node's URL). Extra keyword arguments go to redis-py's
-        ``from_url`` (e.g. ``socket_timeout``)."""
+        ``from_url`` (e.g. ``socket_timeout``).
+
+        A server that stops answering never hangs a call: the connections get convstate's
+        timeouts whatever the redis-py version (:mod:`convstate.timeouts`): 5 s for a reply
+        and for a connect, TCP keepalive, and one retry after a timeout or a connection error
+        (every call is safe to retry), so a call on a frozen server raises
+        ``redis.TimeoutError`` (or ``redis.ConnectionError``) within about 20 s
+        (:func:`~convstate.timeouts.worst_case_seconds`). Anything passed here wins
+        (``socket_timeout=None``: wait forever; ``retry=None``: no retry), and so does the
+        URL's query string."""
         check_redis_url(url)
         client: Any
+        kwargs = with_defaults(url, redis_kwargs, asyncio=True)
         if cluster:
-            client = redis.asyncio.RedisCluster.from_url(url, **redis_kwargs)
+            client = redis.asyncio.RedisCluster.from_url(url, **kwargs)
         else:
-            client = redis.asyncio.from_url(url, **redis_kwargs)
+            client = redis.asyncio.from_url(url, **kwargs)
         return cls(
             client,
             token_limit=token_limit,
@@ -753,13 +764,15 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         **redis_kwargs: Any,
     ) -> ConversationStore:
         """Connect to ``url``; ``cluster=True`` for a Redis Cluster. Extra keyword arguments
-        go to redis-py's ``from_url``."""
+        go to redis-py's ``from_url`` and win over convstate's timeouts, keepalive and retry
+        (see :meth:`AsyncConversationStore.from_url` and :mod:`convstate.timeouts`)."""
         check_redis_url(url)
         client: Any
+        kwargs = with_defaults(url, redis_kwargs)
         if cluster:
-            client = redis.RedisCluster.from_url(url, **redis_kwargs)
+            client = redis.RedisCluster.from_url(url, **kwargs)
         else:
-            client = redis.from_url(url, **redis_kwargs)
+            client = redis.from_url(url, **kwargs)
         return cls(
             client,
             token_limit=token_limit,
