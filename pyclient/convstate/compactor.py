@@ -476,7 +476,10 @@ class Compactor:
             summary = await self._keep_lease(claim, self._summarize(claim, plan))
         except LeaseLostError:
             return Outcome(sid, "lost", tokens_before, note="lease lost during summarization")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, RedisError):
+            # A heartbeat that could not reach Redis (frozen, unreachable): not the
+            # summarizer's failure. Nothing was written; the caller (the daemon) logs it and
+            # the lease expires, after which the session is compacted again.
             raise
         except Exception as exc:  # any summarizer failure: history untouched, retry later
             summary_ms = (time.perf_counter() - started) * 1000

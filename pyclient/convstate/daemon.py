@@ -8,6 +8,19 @@ Signals: the first SIGTERM/SIGINT stops claiming and lets in-flight compactions 
 ``grace`` seconds, then gives back (requeues) the leases it could not finish and exits 0; a
 second signal stops at once (leases are still given back). Under systemd (NOTIFY_SOCKET set)
 it sends READY=1, STOPPING=1 and WATCHDOG=1. HTTP: ``/healthz``, ``/readyz``, ``/metrics``.
+
+**A server that stops answering** (frozen, paused, a half-open connection) never stalls it.
+Its connections time out after :func:`~convstate.timeouts.daemon_socket_timeout` (5 s, less
+for a lease under 30 s, so that a heartbeat fails, all tries included, a third of the lease
+before the lease would run out), with convstate's keepalive and retry
+(:mod:`convstate.timeouts`). A heartbeat that fails abandons its compaction, which writes
+nothing; the lease expires and the session is compacted again (a late swap would be fenced by
+the lease token anyway). The pub/sub connection, silent between wake-ups, is checked with a
+PING after that many seconds of silence: no answer within as many again and it is given up
+and reconnected, and the daemon is not ready (``/readyz`` 503) until it has subscribed again.
+``/healthz`` and WATCHDOG=1 never wait for Redis (a restart would not help). Once the server
+answers again the daemon resubscribes, sweeps every shard and goes on; a failure that repeats
+is logged once at WARNING, then at DEBUG until it is over.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.planner import DEFAULT_MAX_FOLD_TOKENS, CompactionPolicy
 from convstate.sdnotify import SdNotifier
 from convstate.summarizers import ExtractiveSummarizer, OpenAISummarizer, Summarizer
+from convstate.timeouts import connection_defaults, daemon_socket_timeout
 from convstate.tokens import TiktokenCounter, TokenCounter, default_encoding
 
 log = logging.getLogger(__name__)
@@ -51,6 +65,30 @@ _SECRET_QUERY_KEYS = frozenset({"password", "ssl_password"})
 #: What a Redis call can raise that a long-running task must survive: error replies (NOPERM,
 #: READONLY during a failover, OOM, NOSCRIPT races), lost connections, cluster reshuffles.
 _REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+#: Longest pause between two attempts of the pub/sub listener to subscribe again.
+RESUBSCRIBE_MAX_DELAY = 5.0
+
+
+class _Trouble:
+    """One kind of recurring Redis failure (the sweep, a claim, the subscription): logged at
+    WARNING the first time, at DEBUG while it goes on (a frozen server would otherwise log a
+    line every few seconds per task), and once at INFO when it is over."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+
+    def failed(self, message: str, *args: Any) -> None:
+        self.failures += 1
+        level = logging.WARNING if self.failures == 1 else logging.DEBUG
+        log.log(level, message, *args)
+
+    def ok(self) -> None:
+        if self.failures:
+            times = "once" if self.failures == 1 else f"{self.failures} times"
+            log.info("%s works again (it failed %s)", self.what, times)
+            self.failures = 0
 
 
 def redact_url(url: str) -> str:
@@ -331,11 +369,23 @@ class Daemon:
     def __post_init__(self) -> None:
         s = self.settings
         self._owns_client = self.client is None
-        self.redis: redis.asyncio.Redis = self.client or (
-            redis.asyncio.RedisCluster.from_url(s.redis_url)  # type: ignore[assignment]
-            if s.cluster
-            else redis.asyncio.from_url(s.redis_url)
+        #: Seconds any one Redis reply may take (see the module docs); also the pub/sub
+        #: listener's silence before a PING, and its wait for the answer.
+        self.redis_timeout = daemon_socket_timeout(s.lease)
+        kwargs = connection_defaults(
+            s.redis_url,
+            asyncio=True,
+            socket_timeout=self.redis_timeout,
+            connect_timeout=self.redis_timeout,
         )
+        self.redis: redis.asyncio.Redis = self.client or (
+            redis.asyncio.RedisCluster.from_url(s.redis_url, **kwargs)  # type: ignore[assignment]
+            if s.cluster
+            else redis.asyncio.from_url(s.redis_url, **kwargs)
+        )
+        self._sweep_trouble = _Trouble("the sweep")
+        self._claim_trouble = _Trouble("claiming")
+        self._listen_trouble = _Trouble("the pub/sub subscription")
         self.schema = KeySchema(s.prefix, s.shards)
         self.compactor = Compactor(
             self.redis,
@@ -421,10 +471,13 @@ class Daemon:
             try:
                 claim = await self.compactor.claim_next(shard)
             except _REDIS_ERRORS as exc:  # READONLY in a failover, NOPERM, a lost connection
-                log.warning("claim on shard %d failed: %s; will retry in 1s", shard, exc)
+                self._claim_trouble.failed(
+                    "claim on shard %d failed: %s; will retry in 1s", shard, exc
+                )
                 self._wake_later(shard, 1.0)
                 state.busy = False
                 continue
+            self._claim_trouble.ok()
             await self._refresh_shard(shard)  # the queue changed: keep the gauges true
             if claim is None:
                 state.busy = False
@@ -461,27 +514,48 @@ class Daemon:
                 )
 
     async def _listen(self) -> None:
-        """Pub/sub wake-ups; reconnects with backoff."""
+        """Pub/sub wake-ups; reconnects with backoff. The connection is silent between
+        wake-ups, so after ``redis_timeout`` seconds of silence it is asked a PING, and given up
+        (and reconnected) when nothing answers within as many seconds again: a frozen server
+        or a half-open connection makes the daemon not ready instead of deaf."""
         delay = 0.5
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.schema.wake_channel)
                 self._subscribed = True
+                self._listen_trouble.ok()
                 delay = 0.5
                 self.sweep_all_soon()  # anything flagged while we were not listening
+                heard, pinged = loop.time(), None
                 while not self._stopping.is_set():
                     msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        data = msg["data"]
-                        sid = data.decode() if isinstance(data, bytes) else str(data)
-                        with contextlib.suppress(ValueError):
-                            self.wake(self.schema.shard_of(sid))
+                    now = loop.time()
+                    if msg is not None:  # a wake-up or the PONG: the connection is alive
+                        heard, pinged = now, None
+                        if msg.get("type") == "message":
+                            data = msg["data"]
+                            sid = data.decode() if isinstance(data, bytes) else str(data)
+                            with contextlib.suppress(ValueError):
+                                self.wake(self.schema.shard_of(sid))
+                    elif pinged is not None and now - pinged > self.redis_timeout:
+                        raise RedisTimeoutError(
+                            f"no answer to PING within {self.redis_timeout:g} s"
+                        )
+                    if pinged is None and now - heard >= self.redis_timeout:
+                        await pubsub.ping()
+                        pinged = now
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 self._subscribed = False
-                log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
+                self._listen_trouble.failed(
+                    "pub/sub connection lost (%s); the daemon is not ready until it subscribes "
+                    "again; next try in %.1fs",
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, RESUBSCRIBE_MAX_DELAY)
             except _REDIS_ERRORS as exc:  # e.g. NOPERM: the ACL user may not SUBSCRIBE
                 self._subscribed = False
                 log.error(
@@ -544,8 +618,9 @@ class Daemon:
                     await self._sweep_shard(shard)
                 self._update_depth()
                 await self._repair_step()
+                self._sweep_trouble.ok()
             except _REDIS_ERRORS as exc:  # keep sweeping: it is the backstop and the reaper
-                log.warning("sweep failed: %s; retrying at the next tick", exc)
+                self._sweep_trouble.failed("sweep failed: %s; retrying at the next tick", exc)
             if self._sweep_all:
                 continue
             self._sweep_now.clear()
