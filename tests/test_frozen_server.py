@@ -476,7 +476,7 @@ async def test_the_daemon_survives_a_freeze_while_it_holds_nothing(
             started = time.monotonic()
             # Longer than the socket timeout and than the pub/sub check (PING after 1 s of
             # silence, given up 1 s later).
-            ended = await freeze_for(private_server, 5.0, task)
+            ended = await freeze_for(private_server, 6.0, task)
             # Back: it subscribes again (ready), and a new flag is compacted.
             await until(probe.ready_now, 15, "/readyz 200 after the freeze")
             assert_alive_through(probe, started, ended)

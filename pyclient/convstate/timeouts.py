@@ -27,10 +27,11 @@ waits one socket timeout. A call of a store tries at most ``2 * (RETRIES + 1)`` 
 (its first try goes over convstate's own fast path, and a failure there is handed to
 redis-py's client, which retries; a MULTI through redis-py's pipeline may also reconnect once
 more per retry), so it raises ``redis.TimeoutError`` (or ``redis.ConnectionError``) within
-:func:`worst_case_seconds`: 20.4 s with the defaults; one script call (``append``,
-``create_session``...) within 15.2 s, and one plain command (``exists``, the operator
-commands) within 10.2 s. Measured on redis-py 8.2 against a SIGSTOPped server, by
-tests/test_frozen_server.py.
+:func:`worst_case_seconds`: about 20.5 s with the defaults (``get_context``,
+``append_and_get_context``); one script call (``append``, ``create_session``...) within 3
+timeouts, about 15.2 s, and one plain command (``exists``, the operator commands) within 2,
+about 10.2 s. Measured with redis-py 8.2 against a SIGSTOPped Redis 7.0, Redis 6.2 and
+Valkey 8.1 (tests/test_frozen_server.py).
 
 **Every convstate call is safe to retry**, so a retry never applies a write twice: appends are
 dropped by message id (generated client-side when the message has none, so a retry carries
