@@ -13,6 +13,9 @@
     ARGV[1] session id
     ARGV[2] lease length (ms, an integer in 1..2^53-1)
     ARGV[3] lease token (random, unique per claim)
+  A retry of the same call (same token: its reply was lost, e.g. to a timeout while the server
+  was frozen, and redis-py sent it again) answers the claim it made, instead of {0}, which
+  would leave the session running under a lease nobody works on until it expires.
   Output:
     {1, attempts, epoch, lease deadline (ms), queued-at (ms), token limit}  claimed
     {0}   not claimable: not in the queue (another daemon won) or not due yet (backoff)
@@ -27,6 +30,17 @@ if not sid or sid == '' or not (lease_ms and lease_ms >= 1 and lease_ms <= 90071
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function claimed(deadline)
+  local m = redis.call('HMGET', meta, 'attempts', 'epoch', 'queued_at', 'token_limit')
+  return {1, tonumber(m[1]) or 0, tonumber(m[2]) or 0, deadline, tonumber(m[3]) or now,
+    tonumber(m[4]) or 0}
+end
+if redis.call('HGET', meta, 'lease') == token then  -- this call, retried: its claim
+  local held = tonumber(redis.call('ZSCORE', running, sid))
+  if held then
+    return claimed(held)
+  end
+end
 local due = tonumber(redis.call('ZSCORE', queue, sid))
 if not due or due > now then
   return {0}
@@ -40,6 +54,4 @@ redis.call('ZREM', queue, sid)
 redis.call('ZADD', running, deadline, sid)
 redis.call('HSET', meta, 'state', 'running', 'lease', token, 'lease_deadline', deadline,
   'claimed_at', now)
-local m = redis.call('HMGET', meta, 'attempts', 'epoch', 'queued_at', 'token_limit')
-return {1, tonumber(m[1]) or 0, tonumber(m[2]) or 0, deadline, tonumber(m[3]) or now,
-  tonumber(m[4]) or 0}
+return claimed(deadline)

@@ -36,6 +36,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.retry
 import redis.retry
+from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -631,6 +632,49 @@ async def test_a_compaction_whose_lease_expired_in_a_freeze_is_fenced(
         store.close()
         for client in clients:
             await client.aclose()
+
+
+async def test_a_claim_retried_across_a_freeze_returns_the_claim_it_made(
+    private_server: RedisServer,
+) -> None:
+    """The claim's first attempt times out on the frozen server, which runs it once it is
+    continued; redis-py's retry (same lease token) then gets that claim back, instead of
+    "not claimable", which would strand the session under a lease nobody works on."""
+    prefix = "reclaim"
+    url = private_server.url
+    store = ConversationStore.from_url(
+        url, token_limit=TOKEN_LIMIT, encoding=ENCODING, prefix=prefix, shards=SHARDS
+    )
+    flag_session(store, "retried")
+    settings = daemon_settings(url, prefix)
+    client = redis.asyncio.from_url(
+        url, socket_timeout=0.2, retry=redis.asyncio.retry.Retry(ConstantBackoff(1.0), 3)
+    )
+    compactor = Compactor(
+        client,
+        KeySchema(prefix, SHARDS),
+        settings.counter(),
+        ExtractiveSummarizer(),
+        settings.compactor_config(),
+    )
+    r = private_server.client()
+    try:
+        await compactor.peek(0)  # a connection, and the claim script loaded beforehand
+        assert await compactor.claim("not-queued") is None
+        started = time.monotonic()
+        with frozen(private_server, thaw_after=0.5):
+            claim = await compactor.claim("retried")
+        assert time.monotonic() - started >= 0.5  # the first attempt was cut off
+        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] >= 4  # it ran, then the retry
+        assert claim is not None, "the retry did not recognise its own claim"
+        meta = r.hgetall(claim.keys.meta)
+        assert meta[b"lease"].decode() == claim.token
+        assert int(meta[b"lease_deadline"]) == claim.deadline_ms
+        assert (await compactor.compact(claim)).status == "compacted"
+    finally:
+        store.close()
+        r.close()
+        await client.aclose()
 
 
 # -- the operator commands ---------------------------------------------------------------------

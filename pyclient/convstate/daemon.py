@@ -499,6 +499,10 @@ class Daemon:
                     exc,
                 )
                 outcome = Outcome(claim.session_id, "error", note=str(exc))
+            except LeaseLostError as exc:  # a release refused: the lease was taken back, or
+                # this is redis-py's retry of a release whose first attempt ran (reply lost)
+                log.info("compaction of %r: %s", claim.session_id, exc)
+                outcome = Outcome(claim.session_id, "lost", note=str(exc))
             except Exception as exc:  # a bug must not kill the worker; the lease expires
                 log.exception("compaction of %r failed unexpectedly", claim.session_id)
                 outcome = Outcome(claim.session_id, "error", note=repr(exc))
