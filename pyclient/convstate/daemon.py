@@ -383,6 +383,7 @@ class Daemon:
             if s.cluster
             else redis.asyncio.from_url(s.redis_url, **kwargs)
         )
+        self._pubsub_client: redis.asyncio.Redis | None = None
         self._sweep_trouble = _Trouble("the sweep")
         self._claim_trouble = _Trouble("claiming")
         self._listen_trouble = _Trouble("the pub/sub subscription")
@@ -525,7 +526,7 @@ class Daemon:
         delay = 0.5
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._listener_client().pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.schema.wake_channel)
                 self._subscribed = True
@@ -576,6 +577,22 @@ class Daemon:
                 self._subscribed = False
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    def _listener_client(self) -> redis.asyncio.Redis:
+        """The client of the pub/sub connection: the daemon's, without redis-py's retry. A
+        retry would reconnect and resubscribe silently, and what was published in between
+        would wait for the slow sweep; the listener reconnects itself instead, logs it, is
+        not ready meanwhile, and sweeps every shard once subscribed again. (A cluster
+        client's pub/sub connection to a node does not retry.)"""
+        if isinstance(self.redis, redis.asyncio.RedisCluster):
+            return self.redis
+        if self._pubsub_client is None:
+            pool: Any = self.redis.connection_pool
+            kwargs = {**pool.connection_kwargs, "retry": None, "retry_on_error": []}
+            self._pubsub_client = redis.asyncio.Redis.from_pool(
+                type(pool)(connection_class=pool.connection_class, **kwargs)
+            )
+        return self._pubsub_client
 
     def sweep_all_soon(self) -> None:
         """Sweep every shard now (not at the next tick): anything flagged while not listening."""
@@ -739,6 +756,8 @@ class Daemon:
                 self.http.close()
             if self._owns_client:
                 await self.redis.aclose()
+            if self._pubsub_client is not None:
+                await self._pubsub_client.aclose()
             self.notifier.close()
             close = getattr(self.compactor.summarizer, "aclose", None)
             if close is not None:
