@@ -320,32 +320,6 @@ async def test_a_frozen_server_makes_async_calls_raise_within_the_bound(
         check.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pop.lua (the Agents adapter's pop_item) carries no call token: an attempt the "
-    "frozen server ran once continued is not recognised by the retry, which pops again",
-)
-def test_a_pop_retried_across_a_freeze_pops_one_record(
-    private_server: RedisServer, frozen_store: ConversationStore
-) -> None:
-    store = ConversationStore.from_url(
-        private_server.url,
-        token_limit=1000,
-        encoding=ENC,
-        socket_timeout=0.2,
-        retry=redis.retry.Retry(ConstantBackoff(1.0), 3),
-    )
-    try:
-        store.append_many("chat", [message(i) for i in range(1, 4)])
-        assert store._run(store.ops.pop("chat")) is not None  # warm: the script is loaded
-        with frozen(private_server, thaw_after=0.5):
-            popped = store._run(store.ops.pop("chat"))
-        assert popped is not None
-        assert_stored_once(store, "chat", ["m0", "m1"])  # only m2 popped by this call
-    finally:
-        store.close()
-
-
 # -- the daemon --------------------------------------------------------------------------------
 
 #: The daemons' lease here: their socket timeout is then min(5, 6 / 6) = 1 s (a heartbeat every

@@ -35,13 +35,12 @@ Valkey 8.1 (tests/test_frozen_server.py).
 
 **Every convstate call is safe to retry**, so a retry never applies a write twice: appends are
 dropped by message id (generated client-side when the message has none, so a retry carries
-the same), ``create_session`` and ``delete_session`` carry a per-call token the server
-remembers, ``update_context`` sets the same keys to the same values again (a retry may land
-after a concurrent update of the same key and win over it), reads read again, and every step
-of the daemon is fenced by its lease token (a retried claim answers the claim it made; a
-heartbeat, release or swap of a lease that was taken back does nothing). One exception so
-far: ``pop.lua`` (the Agents adapter's ``pop_item``) has no call token, so a retried pop whose
-first attempt ran pops again. See the README, "Timeouts: a server that stops answering".
+the same), ``create_session``, ``delete_session`` and the Agents adapter's ``pop_item``
+carry a per-call token the server remembers, ``update_context`` sets the same keys to the
+same values again (a retry may land after a concurrent update of the same key and win over
+it), reads read again, and every step of the daemon is fenced by its lease token (a retried
+claim answers the claim it made; a heartbeat, release or swap of a lease that was taken back
+does nothing). See the README, "Timeouts: a server that stops answering".
 
 Whatever the caller passes to ``from_url`` wins over these, ``socket_timeout=None`` (wait
 forever) included; so do options in the URL's query string (``?socket_timeout=2``), as in
