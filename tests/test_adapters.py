@@ -174,9 +174,7 @@ sys.meta_path.insert(0, Uninstalled("agents", "openai"))
 """
 
 
-def test_langchain_adapter_works_with_only_the_langchain_extra(
-    redis_url: str, prefix: str
-) -> None:
+def test_langchain_adapter_works_with_only_the_langchain_extra(redis_url: str, prefix: str) -> None:
     """``from convstate.adapters import ConvstateChatMessageHistory`` imports neither the
     Agents SDK nor openai, and the history works; asking for ConvstateSession there names the
     extra to install."""

@@ -553,9 +553,10 @@ def test_pop_returns_the_newest_record_and_keeps_the_totals_exact(
     assert ids_of(client, store, "s1") == (sorted([system_id, "m1"]), [system_id, "m1"])
     # its id is forgotten: the same message is appended again, not dropped as a retry
     assert store.append("s1", user("two words", id="m2")).stored == 1
-    assert store.get_state("s1").meta.token_count == state.meta.token_count + json.loads(
-        newest
-    )["tokens"]
+    assert (
+        store.get_state("s1").meta.token_count
+        == state.meta.token_count + json.loads(newest)["tokens"]
+    )
 
 
 def test_pop_of_the_head_lowers_head_count_down_to_an_empty_session(

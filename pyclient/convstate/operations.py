@@ -841,9 +841,7 @@ class Operations:
             self, session_id, budget, window.snapshot_commands(keys, head_guess, tail)
         )
 
-    def turn(
-        self, session_id: str, message: object, *, budget: int | None, create: bool
-    ) -> TurnOp:
+    def turn(self, session_id: str, message: object, *, budget: int | None, create: bool) -> TurnOp:
         """An append of ``message`` and the read of its context, both validated before
         anything is sent (a bad budget stores nothing)."""
         append = self.append(session_id, [message], create=create)
