@@ -675,6 +675,33 @@ async def test_runner_with_session_settings_as_a_dict(astore: AsyncConversationS
     assert sent[1]["content"] == "again"
 
 
+async def test_session_settings_assigned_later_are_coerced(
+    astore: AsyncConversationStore,
+) -> None:
+    """Assigning ``session_settings`` coerces as the constructor does (a dict assigned after
+    construction crashed ``get_items`` with "'dict' object has no attribute 'limit'")."""
+    session = ConvstateSession("ag-set", astore)
+    await session.add_items([{"role": "user", "content": f"m{i}"} for i in range(3)])
+    session.session_settings = {"limit": 1}
+    assert session.session_settings == SessionSettings(limit=1)
+    assert await session.get_items() == [{"role": "user", "content": "m2"}]
+    session.session_settings = None
+    assert session.session_settings == SessionSettings()
+    assert len(await session.get_items()) == 3
+    with pytest.raises(InvalidSessionSettingsError, match="Unknown session settings: limitt"):
+        session.session_settings = {"limitt": 1}
+    with pytest.raises(InvalidSessionSettingsError, match="not int"):
+        session.session_settings = 5  # type: ignore[assignment]
+    assert session.session_settings == SessionSettings()  # a rejected value changes nothing
+
+    # The Runner reads the assigned settings too.
+    session.session_settings = {"limit": 2}
+    model = ScriptedModel([[reply("ok", 1)]])
+    agent = Agent(name="Assistant", model=model)
+    await Runner.run(agent, "next", session=session, run_config=RunConfig(tracing_disabled=True))
+    assert [i["content"] for i in model.inputs[-1]] == ["m1", "m2", "next"]
+
+
 async def test_session_items_round_trip(astore: AsyncConversationStore, r: redis.Redis) -> None:
     session = ConvstateSession("ag-1", astore)
     assert await session.get_items() == []

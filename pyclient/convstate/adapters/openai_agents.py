@@ -62,8 +62,9 @@ system message(s), context and limit included).
 **Settings.** ``session_settings`` is a ``SessionSettings`` or a dict of its fields
 (``{"limit": 20}``), coerced as the SDK's own sessions do; an unknown key, a bad value or another
 type raises :class:`InvalidSessionSettingsError` (a ``ConfigurationError`` and a ``TypeError``,
-as the SDK raises). It defaults to ``SessionSettings()`` (no
-limit); ``RunConfig(session_settings=...)`` overrides it per run.
+as the SDK raises). It defaults to ``SessionSettings()`` (no limit). Assigning
+``session.session_settings`` later coerces the same way (None resets it to
+``SessionSettings()``); ``RunConfig(session_settings=...)`` overrides it per run.
 
 **Event loops.** The session works from any event loop (``Runner.run``, ``Runner.run_sync``,
 threads): see :class:`~convstate.AsyncConversationStore` for how the store's connections
@@ -360,10 +361,11 @@ class ConvstateSession:
             (True), or raises :class:`~convstate.errors.SessionNotFoundError` (False).
         session_settings: the SDK's ``SessionSettings`` (or a dict of its fields); its
             ``limit`` is the default of :meth:`get_items`. Default: ``SessionSettings()``.
+            Assigning it later (``session.session_settings = {"limit": 20}``) coerces the
+            same way; None resets it to ``SessionSettings()``.
     """
 
     session_id: str
-    session_settings: SessionSettings | None = None
 
     def __init__(
         self,
@@ -381,8 +383,28 @@ class ConvstateSession:
         self.session_id = validate_session_id(session_id)
         self.store = store
         self.create = create
-        self.session_settings = coerce_session_settings(session_settings)
+        self._session_settings = SessionSettings()
+        self.session_settings = session_settings  # coerced by the setter
         self._keys = store.ops.session_keys(session_id)
+
+    @property
+    def session_settings(self) -> SessionSettings:
+        """The session's ``SessionSettings`` (its ``limit`` is :meth:`get_items`' default).
+
+        Assigning a ``SessionSettings``, a dict of its fields or None (-> ``SessionSettings()``)
+        coerces it as the constructor does; anything else raises
+        :class:`InvalidSessionSettingsError` and leaves the settings unchanged.
+        """
+        return self._session_settings
+
+    @session_settings.setter
+    def session_settings(self, value: SessionSettings | Mapping[str, Any] | None) -> None:
+        self._session_settings = coerce_session_settings(value)
+
+    def _default_limit(self) -> int | None:
+        # Resolved at read time, as the SDK's sessions do (``resolve_session_limit``), so a
+        # subclass that overrides ``session_settings`` with a dict still reads its limit.
+        return coerce_session_settings(self.session_settings).limit
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(session_id={self.session_id!r}, create={self.create!r})"
@@ -398,8 +420,8 @@ class ConvstateSession:
         ``limit`` defaults to ``session_settings.limit``; ``limit <= 0`` returns ``[]``. One
         round trip; with a limit only the newest ``limit`` records are read.
         """
-        if limit is None and self.session_settings is not None:
-            limit = self.session_settings.limit
+        if limit is None:
+            limit = self._default_limit()
         if limit is None:
             try:
                 records = await self.store.get_messages(self.session_id)
