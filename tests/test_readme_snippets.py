@@ -1,11 +1,12 @@
 """Every Python snippet of the README runs as pasted, on this offline machine.
 
-Each ```python block is extracted and run in a fresh interpreter (from a temporary directory,
-with this checkout's package on ``PYTHONPATH`` and no network), twice: a reader runs a
-snippet again, so it must be re-runnable (``exist_ok=True``). A snippet with a top-level
-``await`` runs inside ``asyncio.run``, as ``python -m asyncio`` would. The only change made
-to a snippet is its server: ``redis://localhost:6379/0`` becomes a private server started for
-this module, ``redis://node-1:6379`` a private local cluster.
+Each ```python block is extracted, saved as a .py file and run with ``python snippet.py`` in a
+fresh interpreter (from a temporary directory, with this checkout's package on ``PYTHONPATH``
+and no network), twice: a reader runs a snippet again, so it must be re-runnable
+(``exist_ok=True``). Nothing wraps a snippet: an async one brings its own ``asyncio.run``
+(a top-level ``await`` is a SyntaxError in a file, and fails here). The only change made to a
+snippet is its server: ``redis://localhost:6379/0`` becomes a private server started for this
+module, ``redis://node-1:6379`` a private local cluster.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,24 +32,6 @@ STANDALONE_URL = "redis://localhost:6379/0"
 CLUSTER_URL = "redis://node-1:6379"
 RUN_TIMEOUT = 120
 
-RUNNER = textwrap.dedent(
-    """
-    import ast, asyncio, sys
-
-    source = open(sys.argv[1], encoding="utf-8").read()
-    code = compile(source, "README snippet", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    namespace = {"__name__": "__main__"}
-    if code.co_flags & 0x80:  # CO_COROUTINE: the snippet awaits at top level
-
-        async def main():
-            await eval(code, namespace)
-
-        asyncio.run(main())
-    else:
-        exec(code, namespace)
-    """
-)
-
 
 def test_the_readme_has_the_snippets_this_test_knows() -> None:
     assert len(SNIPPETS) >= 4
@@ -62,25 +44,45 @@ def server() -> Iterator[RedisServer]:
         yield s
 
 
-def run_snippet(snippet: str, url_from: str, url_to: str, tmp_path: Path) -> None:
-    assert url_from in snippet
+def run_as_pasted(source: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``python snippet.py`` of ``source``, exactly as given (no wrapper)."""
     path = tmp_path / "snippet.py"
-    path.write_text(snippet.replace(url_from, url_to), encoding="utf-8")
-    runner = tmp_path / "run_snippet.py"
-    runner.write_text(RUNNER, encoding="utf-8")
+    path.write_text(source, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVSTATE_", "OPENAI_"))}
     env["PYTHONPATH"] = str(REPO / "pyclient")
+    return subprocess.run(
+        [sys.executable, str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+
+
+def run_snippet(snippet: str, url_from: str, url_to: str, tmp_path: Path) -> None:
+    assert url_from in snippet
     for attempt in (1, 2):  # re-runnable
-        proc = subprocess.run(
-            [sys.executable, str(runner), str(path)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-            check=False,
-        )
+        proc = run_as_pasted(snippet.replace(url_from, url_to), tmp_path)
         assert proc.returncode == 0, f"run {attempt} of\n{snippet}\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda s: s.splitlines()[0][:40])
+def test_every_snippet_is_a_valid_python_file(snippet: str) -> None:
+    """Without a server: each snippet compiles as a module (no top-level ``await``)."""
+    compile(snippet, "README snippet", "exec")
+
+
+def test_a_snippet_with_top_level_await_fails(tmp_path: Path) -> None:
+    """The runner adds nothing: a top-level ``await``, a SyntaxError in a .py file, fails the
+    test (it passed when the runner wrapped such snippets in ``asyncio.run``)."""
+    proc = run_as_pasted("import asyncio\n\nawait asyncio.sleep(0)\n", tmp_path)
+    assert proc.returncode != 0
+    assert "SyntaxError" in proc.stderr
+    assert (
+        run_as_pasted("import asyncio\n\nasyncio.run(asyncio.sleep(0))\n", tmp_path).returncode == 0
+    )
 
 
 @pytest.mark.parametrize(
