@@ -55,12 +55,23 @@ def _fill(store: ConversationStore, sid: str, n: int) -> None:
 # -- the shard count recorded in Redis -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [["inspect", "s1"], ["stats"], ["compact", "s1"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "s1"],
+        ["stats"],
+        ["compact", "s1"],
+        ["requeue", "s1"],
+        ["requeue", "--all"],
+        ["verify", "s1"],
+    ],
+)
 def test_a_shard_count_other_than_the_recorded_one_is_refused_naming_the_flag(
     store: ConversationStore, redis_url: str, prefix: str, command: list[str]
 ) -> None:
     """Before: `inspect --shards 16` said an existing session did not exist, and `stats
-    --shards 16` hid the dead sessions of the shards it did not visit."""
+    --shards 16` hid the dead sessions of the shards it did not visit (`requeue --all` would
+    miss them too, and `verify` look for the session in the wrong shard)."""
     _fill(store, "s1", 1)
     code, out = invoke(*command, *conn(redis_url, prefix, shards=16))
     assert code == 1, out
