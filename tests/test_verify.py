@@ -108,6 +108,12 @@ def test_whole_sessions_pass_also_after_compaction_with_an_archive(
     out = json.loads(proc.stdout)
     assert (out["ok"], out["sessions_checked"], out["violations"]) == (True, 2, 0)
     assert out["sessions"][1]["archived"] == r.llen(keys.archive)
+    # The session's key is inspect --json's: "session_id".
+    assert [s["session_id"] for s in out["sessions"]] == ["fresh", "compacted"]
+    assert all("session" not in s for s in out["sessions"])
+    inspected = run_cli("inspect", "fresh", *_conn(redis_url, prefix), "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    assert json.loads(inspected.stdout)["session_id"] == "fresh"
 
 
 def _duplicate_a_record(r: redis.Redis, k: SessionKeys) -> None:
@@ -221,7 +227,9 @@ def test_each_violation_is_reported_and_fails_the_command(
     assert proc.returncode == 1, proc.stderr
     out = json.loads(proc.stdout)
     assert out["ok"] is False
+    assert out["sessions"][0]["session_id"] == "bad"
     assert {v["kind"] for v in out["sessions"][0]["violations"]} == {kind}
+    assert {v["session_id"] for v in out["sessions"][0]["violations"]} == {"bad"}
 
 
 def test_a_session_after_a_pop_passes_and_its_remembered_pop_is_read(

@@ -74,7 +74,7 @@ class Violation:
     detail: str
 
     def as_dict(self) -> dict[str, str]:
-        return {"session": self.session_id, "kind": self.kind, "detail": self.detail}
+        return {"session_id": self.session_id, "kind": self.kind, "detail": self.detail}
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class SessionVerdict:
     def as_dict(self) -> dict[str, Any]:
         s = self.snapshot
         return {
-            "session": s.session_id,
+            "session_id": s.session_id,
             "ok": self.ok,
             "exists": bool(s.meta),
             "state": s.state if s.meta else None,
