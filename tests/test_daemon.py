@@ -44,11 +44,12 @@ import convstate.daemon
 from convstate import AsyncConversationStore, ConversationStore
 from convstate.cli import main as cli_main
 from convstate.compactor import SUMMARY_PREFIX
-from convstate.daemon import Daemon, DaemonSettings, redact_url
+from convstate.daemon import Daemon, DaemonSettings
 from convstate.keys import KeySchema
 from convstate.sdnotify import SdNotifier
 from convstate.summarizers import SummarizerError, Summary, SummaryRequest
 from convstate.tokens import TiktokenCounter
+from convstate.urls import redact_url
 from tests.chat_server import ChatServer
 from tests.processes import clean_env
 from tests.reliability.skewed import SkewedTime

@@ -47,7 +47,7 @@ from redis.retry import Retry
 from convstate import AsyncConversationStore, ConversationStore
 from convstate.cli import main as cli_main
 from convstate.compactor import Compactor, CompactorConfig
-from convstate.daemon import Daemon, DaemonSettings, redact_url
+from convstate.daemon import Daemon, DaemonSettings
 from convstate.embedded import LocalCluster
 from convstate.errors import MessageTooLargeError, ScriptNotLoadedError, SessionFullError
 from convstate.keys import KeySchema
@@ -55,6 +55,7 @@ from convstate.planner import CompactionPolicy
 from convstate.scripts import without_flags
 from convstate.summarizers import ExtractiveSummarizer, Summary, SummaryRequest
 from convstate.tokens import TiktokenCounter
+from convstate.urls import redact_url
 from tests.processes import clean_env
 from tests.processes import run_cli as run_cli_subprocess
 from tests.servers import RedisServer, default_engine, find_server_binary

@@ -21,7 +21,6 @@ from redis.exceptions import RedisClusterException
 
 from convstate import __version__
 from convstate.admin import Admin, ShardStatus, Stats, iso, iso_ms
-from convstate.daemon import redact_url
 from convstate.errors import ConvstateError, TokenizerUnavailableError, UnknownModelError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
 from convstate.models import SessionState
@@ -32,7 +31,7 @@ from convstate.timeouts import (
     with_defaults,
 )
 from convstate.tokens import unavailable_message, unknown_model_message
-from convstate.urls import URL_FORMS, auth_error, url_problem
+from convstate.urls import URL_FORMS, auth_error, redact_url, url_problem
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,6 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis.asyncio
@@ -55,12 +54,10 @@ from convstate.sdnotify import SdNotifier
 from convstate.summarizers import ExtractiveSummarizer, OpenAISummarizer, Summarizer
 from convstate.timeouts import connection_defaults, daemon_socket_timeout
 from convstate.tokens import TiktokenCounter, TokenCounter, default_encoding
+from convstate.urls import redact_url
 
 log = logging.getLogger(__name__)
 
-
-#: Query parameters redis-py reads secrets from: the server password and the TLS key passphrase.
-_SECRET_QUERY_KEYS = frozenset({"password", "ssl_password"})
 
 #: What a Redis call can raise that a long-running task must survive: error replies (NOPERM,
 #: READONLY during a failover, OOM, NOSCRIPT races), lost connections, cluster reshuffles.
@@ -89,24 +86,6 @@ class _Trouble:
             times = "once" if self.failures == 1 else f"{self.failures} times"
             log.info("%s works again (it failed %s)", self.what, times)
             self.failures = 0
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any secret (the userinfo password, a ``password=`` or ``ssl_password=``
-    query parameter) as ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hostport}"
-    query = "&".join(
-        f"{key}=***" if key.lower() in _SECRET_QUERY_KEYS else f"{key}={value}" if sep else key
-        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 class HttpListenError(ConfigurationError):

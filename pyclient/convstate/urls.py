@@ -1,7 +1,10 @@
-"""Redis URLs: the one check of a URL before anything connects, and the errors a server
-gives about credentials, phrased as what to do. Used by the clients and the CLI alike."""
+"""Redis URLs: the one check of a URL before anything connects, a URL as it may be shown
+(secrets redacted), and the errors a server gives about credentials, phrased as what to do.
+Used by the clients, the daemon, the demo and the CLI alike."""
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 from redis.connection import parse_url
 
@@ -15,6 +18,8 @@ URL_FORMS = (
 )
 #: Where a Python caller puts a password.
 PYTHON_PASSWORD_WHERE = "the URL (redis://:PASSWORD@host) or password="
+#: Query parameters redis-py reads secrets from: the server password and the TLS key passphrase.
+_SECRET_QUERY_KEYS = frozenset({"password", "ssl_password"})
 
 
 def url_problem(url: object) -> str | None:
@@ -51,3 +56,21 @@ def auth_error(server_message: str, where: str = PYTHON_PASSWORD_WHERE) -> Redis
             f"the server refused the user name or password: check them in {where}"
         )
     return RedisAuthenticationError(f"the server requires a password: put it in {where}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any secret (the userinfo password, a ``password=`` or ``ssl_password=``
+    query parameter) as ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostport}"
+    query = "&".join(
+        f"{key}=***" if key.lower() in _SECRET_QUERY_KEYS else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")

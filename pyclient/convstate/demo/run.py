@@ -20,7 +20,7 @@ import redis
 from convstate.admin import Admin, Stats
 from convstate.client import ConversationStore
 from convstate.compactor import Outcome
-from convstate.daemon import Daemon, DaemonSettings, Metrics, redact_url
+from convstate.daemon import Daemon, DaemonSettings, Metrics
 from convstate.demo.checks import Ack, Check, DemoResult, Facts, Stored, decoded, verify
 from convstate.demo.options import (
     DAEMON_GRACE,
@@ -37,6 +37,7 @@ from convstate.demo.view import DemoView, SessionRow
 from convstate.demo.writers import WriterEvent, WriterSpec, writer_main
 from convstate.keys import KeySchema
 from convstate.summarizers import Summarizer
+from convstate.urls import redact_url
 from convstate.verify import read_snapshot
 
 if TYPE_CHECKING:
