@@ -40,10 +40,10 @@ from convstate.compactor import (
     Compactor,
     CompactorConfig,
     Outcome,
-    ShardStatus,
 )
 from convstate.errors import LeaseLostError, SessionFullError, SessionNotFoundError
 from convstate.keys import SessionKeys
+from convstate.models import ShardStatus
 from convstate.operations import DEFAULT_ID_WINDOW
 from convstate.planner import CompactionPolicy
 from convstate.scripts import arun_script, script_source

@@ -11,12 +11,9 @@ from typing import Any
 
 import redis
 
-from convstate.compactor import ShardStatus
-
-__all__ = ["Admin", "DeadSession", "ScriptsLoaded", "ShardStatus", "Stats", "iso", "iso_ms"]
 from convstate.errors import ConfigurationError, from_script_error
 from convstate.keys import KeySchema
-from convstate.models import SessionState, ms_to_datetime
+from convstate.models import SessionState, ShardStatus, ms_to_datetime
 from convstate.operations import Operations, StoreConfig, decode_record, merge_history
 from convstate.scripts import (
     FLAGS_LINE,

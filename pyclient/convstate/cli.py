@@ -20,10 +20,10 @@ import redis
 from redis.exceptions import RedisClusterException
 
 from convstate import __version__
-from convstate.admin import Admin, ShardStatus, Stats, iso, iso_ms
+from convstate.admin import Admin, Stats, iso, iso_ms
 from convstate.errors import ConvstateError, TokenizerUnavailableError, UnknownModelError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
-from convstate.models import SessionState
+from convstate.models import SessionState, ShardStatus
 from convstate.timeouts import (
     SOCKET_TIMEOUT,
     daemon_socket_timeout,

@@ -64,6 +64,7 @@ from convstate.errors import (
     from_script_error,
 )
 from convstate.keys import KeySchema, SessionKeys
+from convstate.models import ShardStatus
 from convstate.operations import check_nesting, decode_record
 from convstate.planner import (
     REFLAG_SHARE,
@@ -132,22 +133,6 @@ class CompactorConfig:
     def backoff_ms(self, attempts: int) -> int:
         """Delay before retry number ``attempts`` (1-based)."""
         return int(min(self.backoff_max_ms, self.backoff_base_ms * 2 ** max(0, attempts - 1)))
-
-
-@dataclass(frozen=True)
-class ShardStatus:
-    """One shard's queues, as the daemon's sweep and ``convstate stats`` see them."""
-
-    shard: int
-    due: int
-    queued: int
-    oldest_queued_ms: int
-    expired: int
-    running: int
-    dead: int
-    #: The server's clock (ms) when the shard was read (0 for an idle shard): ages of flag
-    #: times are measured on it, never on the host's clock. Not part of equality.
-    server_ms: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from convstate.compactor import Claim, Compactor, CompactorConfig, Outcome, ShardStatus
+from convstate.compactor import Claim, Compactor, CompactorConfig, Outcome
 from convstate.errors import OOM_REPLY, ConfigurationError, LeaseLostError
 from convstate.keys import DEFAULT_SHARDS, KeySchema
+from convstate.models import ShardStatus
 from convstate.planner import DEFAULT_MAX_FOLD_TOKENS, CompactionPolicy
 from convstate.sdnotify import SdNotifier
 from convstate.summarizers import ExtractiveSummarizer, OpenAISummarizer, Summarizer

@@ -1,4 +1,4 @@
-"""Plain data returned by the clients."""
+"""Plain data returned by the clients, the operator views and the compactor."""
 
 from __future__ import annotations
 
@@ -104,3 +104,19 @@ class Turn:
 
     appended: AppendResult
     context: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    """One shard's queues, as the daemon's sweep and ``convstate stats`` see them."""
+
+    shard: int
+    due: int
+    queued: int
+    oldest_queued_ms: int
+    expired: int
+    running: int
+    dead: int
+    #: The server's clock (ms) when the shard was read (0 for an idle shard): ages of flag
+    #: times are measured on it, never on the host's clock. Not part of equality.
+    server_ms: int = field(default=0, compare=False)
