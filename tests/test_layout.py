@@ -127,6 +127,46 @@ def test_each_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+#: What ``convstate --help`` and the operator commands must not load: the daemon's stack and
+#: the demo import on first use, by the commands that run them.
+LAZY = ("convstate.daemon", "convstate.compactor", "convstate.summarizers", "convstate.demo")
+LOADED = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    from convstate.cli import main
+
+    def loaded():
+        return sorted(m for m in sys.modules if m.startswith("convstate."))
+
+    steps = {"import": loaded()}
+    for args in (["--help"], ["stats", "--help"], ["daemon", "--help"]):
+        with contextlib.redirect_stdout(io.StringIO()):
+            main.main(args, standalone_mode=False)
+        steps[" ".join(args)] = loaded()
+    print(json.dumps(steps))
+    """
+)
+
+
+def test_the_cli_loads_the_daemon_and_the_demo_only_for_their_commands() -> None:
+    """Importing ``convstate.cli``, its ``--help`` and an operator command's leave the daemon,
+    the compactor, the summarizers and the demo unloaded; ``daemon --help`` loads the daemon
+    (which shows the check sees an import)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADED],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    steps = json.loads(proc.stdout)
+    for step in ("import", "--help", "stats --help"):
+        assert [m for m in LAZY if _reaches(set(steps[step]), m)] == [], step
+    assert "convstate.daemon" in steps["daemon --help"]
+
+
 ORDERS = textwrap.dedent(
     """
     import importlib, json, sys

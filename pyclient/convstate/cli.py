@@ -11,7 +11,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -684,19 +684,20 @@ def _settings_error(exc: ConvstateError) -> click.UsageError:
     return click.UsageError(message)
 
 
-def _daemon_options(func: Any) -> Any:
+def _daemon_params() -> list[click.Parameter]:
     """One click option per :class:`DaemonSettings` field, each with its CONVSTATE_* env var."""
     from convstate.daemon import DaemonSettings
 
     defaults = DaemonSettings()
-    for f in reversed(dataclasses.fields(DaemonSettings)):
+    params: list[click.Parameter] = []
+    for f in dataclasses.fields(DaemonSettings):
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         envvar = "CONVSTATE_" + f.name.upper()
         help_text = DAEMON_HELP[f.name]
         if isinstance(default, bool):
-            option = click.option(
-                f"{flag}/--no-{flag[2:]}",
+            option = click.Option(
+                [f"{flag}/--no-{flag[2:]}"],
                 default=default,
                 envvar=envvar,
                 show_default=True,
@@ -704,8 +705,8 @@ def _daemon_options(func: Any) -> Any:
                 help=help_text,
             )
         elif f.name == "summarizer":
-            option = click.option(
-                flag,
+            option = click.Option(
+                [flag],
                 type=click.Choice(["extractive", "openai"]),
                 default=default,
                 envvar=envvar,
@@ -718,8 +719,8 @@ def _daemon_options(func: Any) -> Any:
             if f.name == "archive_ttl":
                 kind = int
             kind = DAEMON_RANGES.get(f.name, kind)
-            option = click.option(
-                flag,
+            option = click.Option(
+                [flag],
                 type=kind,
                 default=default,
                 envvar=envvar,
@@ -727,12 +728,37 @@ def _daemon_options(func: Any) -> Any:
                 show_envvar=True,
                 help=help_text,
             )
-        func = option(func)
-    return func
+        params.append(option)
+    return params
 
 
-@main.command()
-@_daemon_options
+class _LazyParamsCommand(click.Command):
+    """A command whose leading options are made on first use, by ``make_params``: the
+    daemon's come from :class:`DaemonSettings`, and making them when the CLI is imported
+    would load the daemon, the compactor and the summarizers for every command (and for
+    ``convstate --help``)."""
+
+    _params: list[click.Parameter]
+
+    def __init__(
+        self, *args: Any, make_params: Callable[[], list[click.Parameter]], **kwargs: Any
+    ) -> None:
+        self._make_params: Callable[[], list[click.Parameter]] | None = make_params
+        super().__init__(*args, **kwargs)
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if self._make_params is not None:
+            make, self._make_params = self._make_params, None
+            self._params = [*make(), *self._params]
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params = value
+
+
+@main.command(cls=_LazyParamsCommand, make_params=_daemon_params)
 @click.option(
     "--check",
     is_flag=True,
