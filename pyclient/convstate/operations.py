@@ -18,7 +18,6 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgspec
 
-from convstate import window
 from convstate.errors import (
     BudgetTooSmallError,
     ConfigurationError,
@@ -37,6 +36,8 @@ from convstate.errors import (
 from convstate.keys import KeySchema, SessionKeys
 from convstate.models import AppendResult, SessionMeta, SessionState, ms_to_datetime
 from convstate.tokens import TokenCounter
+from convstate.window import DEFAULT_HEAD_GUESS, snapshot_commands, tail_size
+from convstate.window import cut as cut_window
 
 T = TypeVar("T")
 
@@ -431,7 +432,7 @@ class SnapshotRead:
         if meta[0] is None:
             # (from None: as the script's CS_NOSESSION is raised, with no chained traceback)
             raise SessionNotFoundError(f"session {self.session_id} does not exist") from None
-        cut = window.cut(
+        cut = cut_window(
             meta, int(llen), head_part, tail_part, self.budget, self.ops.counter.reply_priming
         )
         if cut is None:
@@ -835,11 +836,9 @@ class Operations:
         if budget is not None:
             check_positive_int(budget, "budget")
         hint = self._window_hints.get(session_id)
-        head_guess = hint[0] if hint is not None and hint[0] > 0 else window.DEFAULT_HEAD_GUESS
-        tail = window.tail_size(budget, hint, appended)
-        return SnapshotRead(
-            self, session_id, budget, window.snapshot_commands(keys, head_guess, tail)
-        )
+        head_guess = hint[0] if hint is not None and hint[0] > 0 else DEFAULT_HEAD_GUESS
+        tail = tail_size(budget, hint, appended)
+        return SnapshotRead(self, session_id, budget, snapshot_commands(keys, head_guess, tail))
 
     def turn(self, session_id: str, message: object, *, budget: int | None, create: bool) -> TurnOp:
         """An append of ``message`` and the read of its context, both validated before
