@@ -1,6 +1,8 @@
 """The package's layers point down: every module imports on its own and in any order, nothing
 in the package imports the CLI (``convstate.cli`` is only the entry point), and the low
-modules never import the daemon, the demo or the CLI."""
+modules never import the layers above them (the clients, the adapters, the operator views,
+the daemon, the demo, the CLI), nor the package itself (its ``__init__`` imports the
+client)."""
 
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pyclient" / "convstate"
 PYCLIENT = PACKAGE.parent
-#: Modules that must stay below the daemon, the demo and the CLI.
+#: Modules that must stay below the clients, the operator views, the daemon, the demo and the CLI.
 LOW = (
     *("errors", "tokens", "keys", "models", "operations", "scripts", "planner", "verify"),
-    *("urls", "window", "transport"),
+    *("urls", "window", "transport", "timeouts", "summarizers", "sdnotify", "embedded"),
 )
 #: The upper layers the low modules must not reach.
-UPPER = ("convstate.cli", "convstate.daemon", "convstate.demo")
+UPPER = (
+    *("convstate.client", "convstate.adapters", "convstate.admin"),
+    *("convstate.cli", "convstate.daemon", "convstate.demo"),
+)
 TIMEOUT = 120
 
 
@@ -111,6 +116,8 @@ def test_low_modules_never_import_the_upper_layers(low: str) -> None:
     assert path.exists(), f"{low} is in LOW but not in the package"
     imported = _imported(path)
     assert [upper for upper in UPPER if _reaches(imported, upper)] == []
+    # ``from convstate import X`` runs the package's __init__, which imports the client.
+    assert "convstate" not in imported, "import from convstate.X, not from the package"
 
 
 @pytest.mark.parametrize("module", MODULES)
