@@ -9,13 +9,18 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
 
 from tests.processes import run_cli
 from tests.servers import RedisServer, default_engine
+
+if TYPE_CHECKING:
+    from convstate.demo.checks import Facts
 
 #: A small demo: 3 sessions from 2 writer processes, 20 exchanges each, quick pacing.
 SMALL_DEMO = ["--sessions", "3", "--writers", "2", "--turns", "20", "--duration", "12"]
@@ -197,18 +202,19 @@ def test_demo_configuration_errors_stop_before_anything_starts() -> None:
     assert _demo("--duration", "1").returncode == 2
 
 
-def test_demo_checks_catch_lost_duplicated_and_miscounted_messages() -> None:
-    """The verification is computed, not assumed: break the stored state and it fails."""
-    import copy
+def _demo_record(mid: str, role: str, tokens: int) -> dict[str, object]:
+    return {"id": mid, "role": role, "tokens": tokens, "kind": "message"}
 
+
+def _demo_facts() -> Facts:
+    """What the demo's checks see at the end of a good run: one session, its system prompt and
+    two acknowledged messages, nothing compacted."""
     from convstate.admin import Stats
-    from convstate.demo.checks import Ack, Facts, Stored, verify
+    from convstate.demo.checks import Ack, Facts
     from convstate.demo.view import SessionRow
+    from convstate.verify import SessionSnapshot
 
-    def record(mid: str, role: str, tokens: int) -> dict[str, object]:
-        return {"id": mid, "role": role, "tokens": tokens, "kind": "message"}
-
-    good = Facts(
+    return Facts(
         rows={"chat-1": SessionRow("chat-1", "t", 0, 600, ("s",), 10)},
         acks=[Ack("chat-1", "m1", "user", 20), Ack("chat-1", "m2", "assistant", 30)],
         writer_counts={0: 2},
@@ -216,21 +222,39 @@ def test_demo_checks_catch_lost_duplicated_and_miscounted_messages() -> None:
         writer_errors=[],
         outcomes=[],
         stored={
-            "chat-1": Stored(
+            "chat-1": SessionSnapshot(
+                "chat-1",
                 {"token_count": "60", "message_count": "3", "appended": "3", "token_limit": "600"},
                 [
-                    record("s", "system", 10),
-                    record("m1", "user", 20),
-                    record("m2", "assistant", 30),
+                    _demo_record("s", "system", 10),
+                    _demo_record("m1", "user", 20),
+                    _demo_record("m2", "assistant", 30),
                 ],
                 [],
+                ids=frozenset({"s", "m1", "m2"}),
+                idlog=["s", "m1", "m2"],
             )
         },
         stats=Stats(16, 0, 0, 0, 0, 0, None, []),
     )
 
+
+def _failed_demo_checks(facts: Facts) -> dict[str, str]:
+    """The demo checks that fail on ``facts``: name -> detail."""
+    from convstate.demo.checks import verify
+
+    return {c.name: c.detail for c in verify(facts) if not c.passed}
+
+
+def test_demo_checks_catch_lost_duplicated_and_miscounted_messages() -> None:
+    """The verification is computed, not assumed: break the stored state and it fails."""
+    import copy
+
+    record = _demo_record
+    good = _demo_facts()
+
     def failed(facts: Facts) -> set[str]:
-        return {c.name for c in verify(facts) if not c.passed}
+        return set(_failed_demo_checks(facts))
 
     assert failed(good) == set()
 
@@ -259,6 +283,92 @@ def test_demo_checks_catch_lost_duplicated_and_miscounted_messages() -> None:
     flagged_never_compacted = copy.deepcopy(good)
     flagged_never_compacted.rows["chat-1"].flagged = 1
     assert failed(flagged_never_compacted) == {"compactions"}
+
+    system_folded = copy.deepcopy(good)
+    system_folded.stored["chat-1"].archive.append(system_folded.stored["chat-1"].records.pop(0))
+    system_folded.stored["chat-1"].meta.update(token_count="50", message_count="2")
+    assert (
+        "system prompt in the archive: 1 (chat-1/s)"
+        in _failed_demo_checks(system_folded)["nothing lost"]
+    )
+
+
+def _corrupt_session(facts: Facts, **changes: Any) -> None:
+    """Replace fields of chat-1's snapshot (``meta`` entries as ``meta_<field>``)."""
+    import dataclasses
+
+    snapshot = facts.stored["chat-1"]
+    meta = dict(changes.pop("meta", snapshot.meta))
+    for name in [n for n in changes if n.startswith("meta_")]:
+        meta[name.removeprefix("meta_")] = str(changes.pop(name))
+    facts.stored["chat-1"] = dataclasses.replace(snapshot, meta=meta, **changes)
+
+
+_SUMMARY = {"id": "sum-1", "role": "system", "tokens": 5, "kind": "summary"}
+#: A session corrupted in each way convstate.verify checks -> (the kind of violation it finds,
+#: words of its detail).
+_CORRUPTIONS: dict[str, tuple[Callable[[Facts], None], str, str]] = {
+    "token_count edited": (
+        lambda f: _corrupt_session(f, meta_token_count=65),
+        "token_count",
+        "token_count 65 != 60 summed",
+    ),
+    "message_count edited": (
+        lambda f: _corrupt_session(f, meta_message_count=4),
+        "message_count",
+        "message_count 4 != 3",
+    ),
+    "stored twice": (
+        lambda f: _corrupt_session(f, archive=[_demo_record("m1", "user", 20)]),
+        "duplicate",
+        "m1 stored 2 times",
+    ),
+    "newest id forgotten": (
+        lambda f: _corrupt_session(f, ids=frozenset({"s", "m1"}), idlog=["s", "m1"]),
+        "ids",
+        "not in the id hash",
+    ),
+    "session gone": (
+        lambda f: _corrupt_session(f, meta={}, records=[]),
+        "missing",
+        "no such session",
+    ),
+    "summary in the archive": (
+        lambda f: _corrupt_session(f, archive=[_SUMMARY]),
+        "summary",
+        "summary sum-1 in the archive",
+    ),
+    "state without its queue entry": (
+        lambda f: _corrupt_session(f, meta_state="queued"),
+        "state",
+        "state queued but it is not in the queued set",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(_CORRUPTIONS))
+def test_demo_checks_report_what_convstate_verify_finds(corruption: str) -> None:
+    """The demo's verification runs ``convstate.verify.check_session`` on each session: what it
+    finds fails the demo check it belongs to, and so the demo."""
+    from convstate.demo.checks import VERIFY_KINDS, DemoResult, verify
+
+    corrupt, kind, words = _CORRUPTIONS[corruption]
+    check = VERIFY_KINDS[kind]
+    facts = _demo_facts()
+    corrupt(facts)
+    failed = _failed_demo_checks(facts)
+    assert check in failed, failed
+    assert words in failed[check], failed
+    assert not DemoResult(verify(facts), {}, (), {}).passed
+
+
+def test_every_kind_convstate_verify_reports_has_its_demo_check() -> None:
+    from convstate.demo.checks import VERIFY_KINDS
+    from convstate.verify import KINDS
+
+    assert set(VERIFY_KINDS) == set(KINDS)
+    assert set(VERIFY_KINDS.values()) <= CHECKS
+    assert {kind for _, kind, _ in _CORRUPTIONS.values()} == set(KINDS)  # each one tried
 
 
 def test_demo_without_rich_says_how_to_install_it(

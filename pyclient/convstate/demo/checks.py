@@ -1,19 +1,33 @@
 """The verification at the end of the demo: computed from what the writers acknowledged, what
-the daemon reported and what Redis holds, not assumed (:func:`verify`). The stored-state
-checks ("every record once", "totals equal the sum") are :mod:`convstate.verify`'s, the same
-``convstate verify`` runs; this module adds what only the demo knows: what was acknowledged."""
+the daemon reported and what Redis holds, not assumed (:func:`verify`). The stored state is
+checked by :func:`convstate.verify.check_session`, as ``convstate verify`` checks it (every
+record once, totals equal the sum, the summary in place, the id record sound, the state
+consistent with the queue); each violation it finds fails the demo check it belongs to
+(:data:`VERIFY_KINDS`). This module adds what only the demo knows: what was acknowledged, what
+the daemon reported."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from convstate.admin import Stats
 from convstate.compactor import Outcome
 from convstate.demo.view import SessionRow, plural
-from convstate.verify import SessionSnapshot, check_totals, occurrences
+from convstate.verify import SessionSnapshot, check_session, occurrences
+
+#: The demo check that reports each kind of :func:`convstate.verify.check_session` violation.
+VERIFY_KINDS = {
+    "missing": "nothing lost",
+    "duplicate": "nothing lost",
+    "ids": "nothing lost",
+    "token_count": "token totals",
+    "message_count": "token totals",
+    "summary": "compactions",
+    "state": "settled",
+}
 
 
 @dataclass(frozen=True)
@@ -57,22 +71,6 @@ class Ack(NamedTuple):
     tokens: int
 
 
-@dataclass(frozen=True)
-class Stored:
-    """One session as Redis holds it at the end."""
-
-    meta: dict[str, str]
-    records: list[dict[str, Any]]
-    archive: list[dict[str, Any]]
-
-    def num(self, name: str) -> int:
-        return int(self.meta.get(name, 0) or 0)
-
-    def snapshot(self, session_id: str) -> SessionSnapshot:
-        """What :mod:`convstate.verify` checks."""
-        return SessionSnapshot(session_id, self.meta, self.records, self.archive)
-
-
 def _examples(items: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
@@ -85,7 +83,8 @@ def decoded(value: Any) -> str:
 
 @dataclass
 class Facts:
-    """What the checks compare: the writers' reports, the daemon's outcomes, Redis' contents."""
+    """What the checks compare: the writers' reports, the daemon's outcomes, Redis' contents
+    (each session as :func:`convstate.verify.read_snapshot` read it at the end)."""
 
     rows: dict[str, SessionRow]
     acks: list[Ack]
@@ -93,8 +92,28 @@ class Facts:
     writer_exits: dict[int, int | None]
     writer_errors: list[str]
     outcomes: list[Outcome]
-    stored: dict[str, Stored]
+    stored: dict[str, SessionSnapshot]
     stats: Stats
+
+
+class Findings:
+    """What :func:`convstate.verify.check_session` found in the stored sessions, by the demo
+    check that reports it (:data:`VERIFY_KINDS`; a kind it does not know: "nothing lost")."""
+
+    def __init__(self, stored: dict[str, SessionSnapshot]) -> None:
+        self.by_check: dict[str, list[str]] = {}
+        for snapshot in stored.values():
+            for v in check_session(snapshot):
+                check = VERIFY_KINDS.get(v.kind, "nothing lost")
+                self.by_check.setdefault(check, []).append(v.detail)
+
+    def problems(self, check: str, limit: int = 3) -> list[str]:
+        """``check``'s findings as one problem (``[]`` if none), the first ``limit`` shown."""
+        found = self.by_check.get(check, [])
+        if not found:
+            return []
+        more = f" (+{len(found) - limit} more)" if len(found) > limit else ""
+        return ["; ".join(found[:limit]) + more]
 
 
 def _check_appended(f: Facts) -> Check:
@@ -125,17 +144,14 @@ def _check_appended(f: Facts) -> Check:
     )
 
 
-def _check_compactions(f: Facts) -> Check:
+def _check_compactions(f: Facts, verified: Findings) -> Check:
     by_status = Counter(o.status for o in f.outcomes)
     compacted = by_status["compacted"]
     epochs = sum(st.num("epoch") for st in f.stored.values())
     problems: list[str] = []
     if compacted != epochs:
         problems.append(f"the daemon reported {compacted} but the epochs add up to {epochs}")
-    for sid, st in f.stored.items():
-        summaries = sum(1 for r in st.records if r.get("kind") == "summary")
-        if summaries != (1 if st.num("epoch") else 0):
-            problems.append(f"{sid} holds {summaries} summaries at epoch {st.num('epoch')}")
+    problems += verified.problems("compactions")  # one summary, at the head, iff epoch > 0
     flagged = any(row.flagged for row in f.rows.values())
     if flagged and compacted == 0:
         problems.append("sessions passed their limit but none was compacted")
@@ -176,7 +192,7 @@ def _check_tokens_saved(f: Facts, compacted: int) -> Check:
     return Check("tokens saved", True, detail)
 
 
-def _check_nothing_lost(f: Facts) -> Check:
+def _check_nothing_lost(f: Facts, verified: Findings) -> Check:
     expected: dict[tuple[str, str], tuple[str, int]] = {
         (a.session, a.message_id): (a.role, a.tokens) for a in f.acks
     }
@@ -184,23 +200,21 @@ def _check_nothing_lost(f: Facts) -> Check:
         for mid in row.system_ids:
             expected[(sid, mid)] = ("system", -1)  # tokens checked by the totals check
     found: Counter[tuple[str, str]] = Counter()
-    records: dict[tuple[str, str], dict[str, Any]] = {}
+    records: dict[tuple[str, str], Mapping[str, Any]] = {}
     in_lists = in_archives = 0
-    misplaced: list[str] = []
+    archived: set[tuple[str, str]] = set()
     for sid, st in f.stored.items():
-        for mid, n in occurrences(st.snapshot(sid)).items():  # the list and the archive
+        for mid, n in occurrences(st).items():  # the list and the archive
             found[(sid, mid)] += n
         for rec in st.records:
             if rec.get("kind") != "summary":
                 records[(sid, str(rec.get("id")))] = rec
                 in_lists += 1
         for rec in st.archive:
-            if rec.get("kind") == "summary" or rec.get("role") == "system":
-                misplaced.append(f"{sid}/{rec.get('id')} ({rec.get('kind')}) in the archive")
             records[(sid, str(rec.get("id")))] = rec
+            archived.add((sid, str(rec.get("id"))))
             in_archives += 1
     missing = [f"{s}/{m}" for (s, m) in expected if found[(s, m)] == 0]
-    twice = [f"{s}/{m} x{n}" for (s, m), n in found.items() if n > 1]
     unknown = [f"{s}/{m}" for (s, m) in found if (s, m) not in expected]
     changed = [
         f"{s}/{m}"
@@ -211,17 +225,19 @@ def _check_nothing_lost(f: Facts) -> Check:
             or (tokens >= 0 and int(records[(s, m)].get("tokens", -1)) != tokens)
         )
     ]
+    # The system prompts lead their sessions (the head): a compaction never folds them.
+    folded = [f"{s}/{m}" for s, row in f.rows.items() for m in row.system_ids if (s, m) in archived]
     problems = [
         f"{label}: {len(items)} ({_examples(items)})"
         for label, items in (
             ("missing", missing),
-            ("stored more than once", twice),
             ("never acknowledged", unknown),
             ("role or tokens changed", changed),
-            ("misplaced", misplaced),
+            ("system prompt in the archive", folded),
         )
         if items
     ]
+    problems += verified.problems("nothing lost")  # stored twice, the id record, missing
     if problems:
         return Check("nothing lost", False, "; ".join(problems))
     return Check(
@@ -232,8 +248,8 @@ def _check_nothing_lost(f: Facts) -> Check:
     )
 
 
-def _check_token_totals(f: Facts) -> Check:
-    wrong = [v.detail for sid, st in f.stored.items() for v in check_totals(st.snapshot(sid))]
+def _check_token_totals(f: Facts, verified: Findings) -> Check:
+    wrong = verified.problems("token totals")
     if wrong:
         return Check("token totals", False, "; ".join(wrong))
     return Check(
@@ -244,7 +260,7 @@ def _check_token_totals(f: Facts) -> Check:
     )
 
 
-def _check_settled(f: Facts) -> Check:
+def _check_settled(f: Facts, verified: Findings) -> Check:
     s = f.stats
     over = [
         f"{sid} {st.num('token_count'):,}/{st.num('token_limit'):,}"
@@ -255,7 +271,10 @@ def _check_settled(f: Facts) -> Check:
     problems += [f"{s.dead} dead-lettered"] if s.dead else []
     problems += [f"over the limit: {_examples(over)}"] if over else []
     if problems:
-        return Check("settled", False, "; ".join(problems) + " when the demo ended")
+        problems[-1] += " when the demo ended"
+    problems += verified.problems("settled")  # the state against the queue and the lease
+    if problems:
+        return Check("settled", False, "; ".join(problems))
     largest = max(
         (st.num("token_count") / max(1, st.num("token_limit")) for st in f.stored.values()),
         default=0.0,
@@ -270,11 +289,12 @@ def _check_settled(f: Facts) -> Check:
 def verify(f: Facts) -> tuple[Check, ...]:
     """Every check, computed from the facts gathered at the end of the run."""
     compacted = sum(1 for o in f.outcomes if o.status == "compacted")
+    verified = Findings(f.stored)
     return (
         _check_appended(f),
-        _check_compactions(f),
+        _check_compactions(f, verified),
         _check_tokens_saved(f, compacted),
-        _check_nothing_lost(f),
-        _check_token_totals(f),
-        _check_settled(f),
+        _check_nothing_lost(f, verified),
+        _check_token_totals(f, verified),
+        _check_settled(f, verified),
     )

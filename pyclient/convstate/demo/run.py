@@ -21,7 +21,7 @@ from convstate.admin import Admin, Stats
 from convstate.client import ConversationStore
 from convstate.compactor import Outcome
 from convstate.daemon import Daemon, DaemonSettings, Metrics
-from convstate.demo.checks import Ack, Check, DemoResult, Facts, Stored, decoded, verify
+from convstate.demo.checks import Ack, Check, DemoResult, Facts, decoded, verify
 from convstate.demo.options import (
     DAEMON_GRACE,
     DEMO_SHARDS,
@@ -382,12 +382,8 @@ class _DemoRun:
         assert view is not None
         assert client is not None
         assert admin is not None
-        stored: dict[str, Stored] = {}
-        for sid in view.sessions:
-            snap = read_snapshot(client, self.schema, sid)  # one MULTI per session
-            stored[sid] = Stored(
-                dict(snap.meta), [dict(r) for r in snap.records], [dict(r) for r in snap.archive]
-            )
+        # One MULTI per session: what convstate.verify checks.
+        stored = {sid: read_snapshot(client, self.schema, sid) for sid in view.sessions}
         exits = {i: p.exitcode for i, p in enumerate(self.processes)}
         return Facts(
             rows=view.sessions,
