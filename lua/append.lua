@@ -36,8 +36,9 @@
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this), or
                               a token total that would pass MAX
     error "CS_CORRUPT ..."    some of the session's keys are missing (evicted): its meta says
-                              it holds messages but its list or id hash is gone, or (ARGV[4]
-                              "1") its meta is gone but its messages survive
+                              it holds messages but its list or id hash is gone, its id hash
+                              survives its id log, or (ARGV[4] "1") its meta is gone but its
+                              messages survive
     error "OOM ..."           (Redis) memory is full: the first write is one that may grow
                               memory, so a full server refuses the call before any write
   A rejected call writes nothing.
@@ -132,6 +133,14 @@ if not created and type(redis.pcall('HGET', ids, batch[1][1])) == 'table' then
     redis.call('HSET', ids, id, '')
     redis.call('RPUSH', idlog, id)
   end
+end
+-- The id log holds the ids of the id hash (it bounds it: the window prunes what it pushes
+-- out), so a hash without its log lost the log to eviction: appending would grow the hash
+-- forever. (A 0.1 id set has no log: it was taken over into both just above.)
+if not created and redis.call('EXISTS', idlog) == 0 and redis.call('EXISTS', ids) == 1 then
+  return redis.error_reply('CS_CORRUPT session ' .. sid .. ': its id log ' .. idlog ..
+    ' is missing but its id hash ' .. ids .. ' survives (evicted? use maxmemory-policy' ..
+    ' noeviction); delete the session or restore it')
 end
 local fresh, seen = {}, {}
 for i, msg in ipairs(batch) do

@@ -102,9 +102,14 @@ for i = h, 1, -1 do
 end
 -- The summary's id is taken (no digest: any message sent with it conflicts). A session last
 -- appended to by convstate 0.1 still has an id SET (WRONGTYPE here): the summary's random id
--- is left out of it, and append.lua takes the set over into the hash at the next append.
-if type(redis.pcall('HSET', ids, ARGV[10], 'summary')) == 'number' then
-  redis.call('RPUSH', idlog, ARGV[10])
+-- is left out of it, and append.lua takes the set over into the hash at the next append. An
+-- id hash or log evicted without the other is left missing: a new one holding the summary's
+-- id alone would hide the loss from append.lua, which reports it (and a new log would never
+-- prune the hash's older ids).
+if redis.call('EXISTS', ids) == redis.call('EXISTS', idlog) then
+  if type(redis.pcall('HSET', ids, ARGV[10], 'summary')) == 'number' then
+    redis.call('RPUSH', idlog, ARGV[10])
+  end
 end
 redis.call('HSET', meta, 'token_count', token_count, 'message_count', message_count,
   'head_count', h, 'state', over and 'queued' or 'idle', 'attempts', 0, 'updated_at', now,

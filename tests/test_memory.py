@@ -488,6 +488,49 @@ def test_a_retry_after_the_id_set_was_evicted_is_not_stored_twice(
     assert [m["id"] for m in store.get_messages("s")][1:] == [m["id"] for m in sent]
 
 
+def test_an_evicted_id_log_is_reported_not_left_to_grow_the_id_hash(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    """The id log is what bounds the id hash (the window prunes the ids it pushes out): with
+    the log evicted alone, appends would grow the hash forever. The append raises instead."""
+    sent = session_with_turns(store, "s")
+    keys = store.schema.session("s")
+    ids_before = r.hgetall(keys.ids)
+    r.delete(keys.idlog)
+    for message in (sent[-1], {**turn("s", 9), "id": "s-9"}):  # a retry, a new message
+        with pytest.raises(SessionCorruptedError, match=re.escape(keys.idlog)):
+            store.append("s", message)
+    assert r.hgetall(keys.ids) == ids_before  # nothing written
+    assert not r.exists(keys.idlog)
+    assert [m["id"] for m in store.get_messages("s")][1:] == [m["id"] for m in sent]
+
+
+@pytest.mark.parametrize("lost", ["idlog", "ids"])
+async def test_a_compaction_does_not_hide_an_evicted_id_log_or_hash(
+    redis_url: str, prefix: str, r: redis.Redis, lost: str
+) -> None:
+    """The swap records the summary's id in the id hash and the log: with one of them evicted
+    it must not start a new one holding only the summary's id, which would hide the loss from
+    the next append (a retry stored twice; a hash whose old ids are never pruned)."""
+    store = sync_store(redis_url, prefix, token_limit=3000)
+    try:
+        flag_sessions(store, ["s"], words=60)
+        keys = store.schema.session("s")
+        evicted = getattr(keys, lost)
+        r.delete(evicted)
+        async with redis.asyncio.Redis.from_url(redis_url) as ar:
+            config = CompactorConfig(policy=POLICY)
+            compactor = Compactor(ar, store.schema, store.counter, SlowSummarizer(0.0), config)
+            claim = await compactor.claim("s")
+            assert claim is not None
+            assert (await compactor.compact(claim)).status == "compacted"
+        assert not r.exists(evicted)
+        with pytest.raises(SessionCorruptedError, match=re.escape(evicted)):
+            store.append("s", turn("s", 99))
+    finally:
+        store.close()
+
+
 def test_append_create_never_deletes_messages_whose_meta_was_evicted(
     store: ConversationStore, r: redis.Redis
 ) -> None:
@@ -566,7 +609,9 @@ def test_real_eviction_never_answers_a_partly_evicted_session(
             partly = 0
             for sid in sids:
                 keys = store.schema.session(sid)
-                present = [bool(admin.exists(k)) for k in (keys.meta, keys.msgs, keys.ids)]
+                present = [
+                    bool(admin.exists(k)) for k in (keys.meta, keys.msgs, keys.ids, keys.idlog)
+                ]
                 pop = store.ops.pop(sid)  # ConvstateSession.pop_item's script
                 if not present[0]:
                     if present[1]:  # messages without meta: pop_item does not pop them
@@ -590,6 +635,10 @@ def test_real_eviction_never_answers_a_partly_evicted_session(
                         store.append(sid, turn(sid, 0))
                     with pytest.raises(SessionCorruptedError, match=re.escape(keys.ids)):
                         store._run(pop)
+                    partly += 1
+                elif not present[3]:  # the id log alone: the window could no longer prune
+                    with pytest.raises(SessionCorruptedError, match=re.escape(keys.idlog)):
+                        store.append(sid, turn(sid, 0))
                     partly += 1
             assert partly > 0, "no session was partly evicted; fill more"
     finally:
