@@ -37,8 +37,8 @@
                               a token total that would pass MAX
     error "CS_CORRUPT ..."    some of the session's keys are missing (evicted): its meta says
                               it holds messages but its list or id hash is gone, its id hash
-                              survives its id log, or (ARGV[4] "1") its meta is gone but its
-                              messages survive
+                              survives its id log, or its meta is gone but its messages
+                              survive (with more than a second to live)
     error "OOM ..."           (Redis) memory is full: the first write is one that may grow
                               memory, so a full server refuses the call before any write
   A rejected call writes nothing.
@@ -80,22 +80,25 @@ if (tonumber(m[2]) or 0) + batch_tokens > MAX then
 end
 local created = false
 if not limit then
-  if ARGV[4] ~= '1' then
-    return redis.error_reply('CS_NOSESSION session ' .. sid .. ' does not exist')
-  end
-  limit = tonumber(ARGV[5])
   local ttl = tonumber(ARGV[6])
-  if not (limit and limit >= 1 and limit <= MAX and limit % 1 == 0)
-      or not (ttl and ttl >= 0 and ttl <= MAX and ttl % 1 == 0) then
-    return redis.error_reply('CS_BADARG append: malformed create arguments')
+  if ARGV[4] == '1' then
+    limit = tonumber(ARGV[5])
+    if not (limit and limit >= 1 and limit <= MAX and limit % 1 == 0)
+        or not (ttl and ttl >= 0 and ttl <= MAX and ttl % 1 == 0) then
+      return redis.error_reply('CS_BADARG append: malformed create arguments')
+    end
   end
   -- Messages without meta: the meta hash was evicted (a session never loses it otherwise).
-  -- Creating here would delete them. Keys about to expire (< 1 s) are leftovers of a TTL.
+  -- The session is not missing, and creating here would delete them. Keys about to expire
+  -- (< 1 s) are leftovers of a TTL: the session is gone.
   local left = redis.call('PTTL', msgs)
   if left == -1 or left > 1000 then
     return redis.error_reply('CS_CORRUPT session ' .. sid .. ': its meta hash ' .. meta ..
       ' is missing but its messages survive in ' .. msgs .. ' (evicted? use maxmemory-policy' ..
       ' noeviction); delete the session or restore it')
+  end
+  if ARGV[4] ~= '1' then
+    return redis.error_reply('CS_NOSESSION session ' .. sid .. ' does not exist')
   end
   m = {limit, 0, 0, 0, 'idle', ttl, 0, 0}
   created = true

@@ -25,6 +25,8 @@
       created 1: created by this call, or by an earlier attempt of it (same token)
       created 0: the session existed (ARGV[5] "1"); meta and messages are its current ones
     error "CS_EXISTS ..."  the session exists (created by another call) and ARGV[5] is "0"
+    error "CS_CORRUPT ..." its meta is missing but its messages survive (evicted): nothing is
+                           deleted (delete_session does that)
     error "CS_BADARG ..."  malformed KEYS or ARGV (only a caller bypassing the client sees
                            this), or system messages of more than MAX tokens
     error "OOM ..."        (Redis) memory is full: refused before any write
@@ -74,6 +76,15 @@ if owner or redis.call('EXISTS', meta) == 1 then
     return {0, redis.call('HGETALL', meta), redis.call('LRANGE', msgs, 0, -1)}
   end
   return redis.error_reply('CS_EXISTS session ' .. sid .. ' already exists')
+end
+-- Messages without meta: the meta hash was evicted (a session never loses it otherwise), and
+-- creating would delete a live conversation's messages. The keys of a session share their
+-- deadline, so leftovers of an expired one have at most a moment (< 1 s) to live.
+local left = redis.call('PTTL', msgs)
+if left == -1 or left > 1000 then
+  return redis.error_reply('CS_CORRUPT session ' .. sid .. ': its meta hash ' .. meta ..
+    ' is missing but its messages survive in ' .. msgs .. ' (evicted? use maxmemory-policy' ..
+    ' noeviction); delete the session or restore it')
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -15,7 +15,8 @@
     {"SMALL", head messages, {}, tokens the head and priming need, budget}
       the budget cannot hold the head; the caller raises
     error "CS_NOSESSION ..."  the session does not exist
-    error "CS_CORRUPT ..."    its meta counts messages but its list is missing (evicted)
+    error "CS_CORRUPT ..."    its meta counts messages but its list is missing, or its meta is
+                              missing but its messages survive (evicted)
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this)
 ]]
 local MAX = 9007199254740991  -- 2^53 - 1
@@ -29,6 +30,14 @@ if not (budget and budget >= 0 and budget <= MAX and budget % 1 == 0)
 end
 local m = redis.call('HMGET', meta, 'token_limit', 'head_count', 'message_count')
 if not m[1] then
+  -- Messages without meta: the meta hash was evicted (a session never loses it otherwise).
+  -- Keys about to expire (< 1 s) are leftovers of a TTL: the session is gone.
+  local left = redis.call('PTTL', msgs)
+  if left == -1 or left > 1000 then
+    return redis.error_reply('CS_CORRUPT session ' .. ARGV[1] .. ': its meta hash ' .. meta ..
+      ' is missing but its messages survive in ' .. msgs .. ' (evicted? use maxmemory-policy' ..
+      ' noeviction); delete the session or restore it')
+  end
   return redis.error_reply('CS_NOSESSION session ' .. ARGV[1] .. ' does not exist')
 end
 if budget == 0 then budget = tonumber(m[1]) end

@@ -10,7 +10,8 @@
     {meta (flat HGETALL), messages (oldest first; empty when ARGV[2] is "0")}
     {meta, messages, archive (oldest first)}  when ARGV[2] is "2"
     error "CS_NOSESSION ..."  the session does not exist
-    error "CS_CORRUPT ..."    its meta counts messages but its list is missing (evicted)
+    error "CS_CORRUPT ..."    its meta counts messages but its list is missing, or its meta is
+                              missing but its messages survive (evicted)
     error "CS_BADARG ..."     malformed ARGV (only a caller bypassing the client sees this)
 ]]
 if (ARGV[2] ~= '0' and ARGV[2] ~= '1' and ARGV[2] ~= '2') or (ARGV[2] == '2' and #KEYS < 3) then
@@ -18,6 +19,14 @@ if (ARGV[2] ~= '0' and ARGV[2] ~= '1' and ARGV[2] ~= '2') or (ARGV[2] == '2' and
 end
 local flat = redis.call('HGETALL', KEYS[2])
 if #flat == 0 then
+  -- Messages without meta: the meta hash was evicted (a session never loses it otherwise).
+  -- Keys about to expire (< 1 s) are leftovers of a TTL: the session is gone.
+  local left = redis.call('PTTL', KEYS[1])
+  if left == -1 or left > 1000 then
+    return redis.error_reply('CS_CORRUPT session ' .. ARGV[1] .. ': its meta hash ' .. KEYS[2] ..
+      ' is missing but its messages survive in ' .. KEYS[1] .. ' (evicted? use' ..
+      ' maxmemory-policy noeviction); delete the session or restore it')
+  end
   return redis.error_reply('CS_NOSESSION session ' .. ARGV[1] .. ' does not exist')
 end
 local raw = {}

@@ -9,9 +9,10 @@
   until appends work again; a swap that would
   grow the data (``--archive``) is refused and retried later, the history untouched.
 * **evicting policies**: the client and the daemon warn once about the policy (and say
-  nothing when CONFIG GET is refused); a session that lost one of its keys raises
-  ``SessionCorruptedError`` naming the key, on reads, retried appends, ``append(create=True)``
-  and pops; a session whose queue entry was lost is queued again by the daemon's sweep. Each
+  nothing when CONFIG GET is refused); a session that lost one of its keys (its list, meta,
+  id hash or id log) raises ``SessionCorruptedError`` naming the key, on reads, appends,
+  ``create_session`` and pops, and a compaction neither hides nor repairs the loss; a session
+  whose queue entry was lost is queued again by the daemon's sweep. Each
   loss is made precisely with ``DEL`` of the one key, and once for real: a server with
   ``allkeys-lru`` filled until it evicts.
 
@@ -38,7 +39,7 @@ from convstate.adapters.openai_agents import ConvstateSession
 from convstate.admin import Admin
 from convstate.compactor import Compactor, CompactorConfig
 from convstate.daemon import Daemon, DaemonSettings
-from convstate.errors import MemoryFullError, SessionCorruptedError
+from convstate.errors import MemoryFullError, SessionCorruptedError, SessionNotFoundError
 from convstate.keys import KeySchema
 from convstate.operations import POP_RETRY_WINDOW_MS
 from convstate.planner import CompactionPolicy
@@ -543,6 +544,89 @@ def test_append_create_never_deletes_messages_whose_meta_was_evicted(
     assert not r.exists(keys.meta)
 
 
+async def test_a_session_whose_meta_was_evicted_is_reported_not_called_missing(
+    store: ConversationStore, redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    """Messages without their meta: meta was evicted (a session never loses it otherwise).
+    Appends, reads (the fast MULTI read and read.lua alike) and create_session say so, naming
+    the meta hash, rather than "no such session" (or, for create_session, deleting the
+    messages to start over); delete_session removes what is left."""
+    sent = session_with_turns(store, "s")
+    keys = store.schema.session("s")
+    r.delete(keys.meta)
+    named = pytest.raises(SessionCorruptedError, match=re.escape(keys.meta))
+    with named:
+        store.append("s", turn("s", 9))
+    with named:
+        store.append_and_get_context("s", turn("s", 9))
+    for read in (store.get_context, store.get_messages, store.get_state, store.get_history):
+        with named:
+            read("s")
+    with named:
+        store._run(store.ops.context_window("s", None))  # read.lua itself
+    with named:
+        store.create_session("s", system="A new conversation.")
+    with named:
+        store.create_session("s", system="A new conversation.", exist_ok=True)
+    async with AsyncConversationStore.from_url(
+        redis_url, token_limit=3000, encoding=ENC, prefix=prefix, shards=SHARDS
+    ) as astore:
+        with named:
+            await astore.get_context("s")
+    assert [json.loads(raw)["id"] for raw in r.lrange(keys.msgs, 1, -1)] == [m["id"] for m in sent]
+    assert not r.exists(keys.meta)
+    store.delete_session("s")
+    assert not r.exists(keys.msgs, keys.ids, keys.idlog)
+    assert store.create_session("s", system="A new conversation.").meta.message_count == 1
+
+
+async def test_a_compaction_reports_a_meta_evicted_under_its_lease(
+    redis_url: str, prefix: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The meta hash (which holds the lease) evicted during a compaction: the compactor logs
+    the corruption, naming the meta hash, and ends the attempt (it can no longer release
+    the lease: the reaper clears the running entry) without raising and without writing."""
+    store = sync_store(redis_url, prefix, token_limit=3000)
+    try:
+        flag_sessions(store, ["s"], words=60)
+        keys = store.schema.session("s")
+        async with redis.asyncio.Redis.from_url(redis_url) as ar:
+            config = CompactorConfig(policy=POLICY)
+            compactor = Compactor(ar, store.schema, store.counter, SlowSummarizer(0.0), config)
+            claim = await compactor.claim("s")
+            assert claim is not None
+            before = r.lrange(keys.msgs, 0, -1)
+            r.delete(keys.meta)
+            outcome = await compactor.compact(claim)
+        assert outcome.status == "lost", outcome
+        assert keys.meta in outcome.note
+        assert any(keys.meta in rec.getMessage() for rec in caplog.records if rec.levelno >= 40)
+        assert r.lrange(keys.msgs, 0, -1) == before
+        assert not r.exists(keys.meta)
+    finally:
+        store.close()
+
+
+def test_messages_about_to_expire_without_meta_are_no_session(
+    store: ConversationStore, r: redis.Redis
+) -> None:
+    """Keys of an expiring session go one by one: messages left with under a second to live
+    after their meta expired are the end of a TTL, not an eviction. The session is gone, and
+    a new one with its id starts clean."""
+    session_with_turns(store, "s")
+    keys = store.schema.session("s")
+    r.delete(keys.meta)
+    r.pexpire(keys.msgs, 900)
+    with pytest.raises(SessionNotFoundError):
+        store.get_context("s")
+    with pytest.raises(SessionNotFoundError):
+        store.get_state("s")
+    with pytest.raises(SessionNotFoundError):
+        store.append("s", turn("s", 9))
+    state = store.create_session("s", system="A new conversation.")
+    assert [m["content"] for m in state.messages] == ["A new conversation."]
+
+
 async def test_the_sweep_queues_again_a_session_whose_queue_was_evicted(
     lru_server: RedisServer, prefix: str
 ) -> None:
@@ -614,10 +698,16 @@ def test_real_eviction_never_answers_a_partly_evicted_session(
                 ]
                 pop = store.ops.pop(sid)  # ConvstateSession.pop_item's script
                 if not present[0]:
-                    if present[1]:  # messages without meta: pop_item does not pop them
+                    if present[1]:  # messages without meta: reported, never popped or lost
+                        for read in (store.get_state, store.get_context):
+                            with pytest.raises(SessionCorruptedError, match=re.escape(keys.meta)):
+                                read(sid)
+                        with pytest.raises(SessionCorruptedError, match=re.escape(keys.meta)):
+                            store.append(sid, turn(sid, 0))
                         with pytest.raises(SessionCorruptedError, match=re.escape(keys.meta)):
                             store._run(pop)
-                    continue  # meta gone: the session no longer exists for reads
+                        partly += 1
+                    continue  # meta and messages gone: the session no longer exists
                 if not present[1]:
                     for read in (store.get_state, store.get_context):
                         with pytest.raises(SessionCorruptedError, match=re.escape(keys.msgs)):

@@ -312,12 +312,28 @@ def test_create_clears_leftovers_of_an_expired_session(
 ) -> None:
     k = store.schema.session("s1")
     client.rpush(k.msgs, json.dumps(user("stale")))
+    client.pexpire(k.msgs, 900)  # a key of the expired session: its deadline is the meta's
     client.hset(k.ids, "old", "digest")
     client.rpush(k.idlog, "old")
     client.rpush(k.archive, json.dumps(user("archived stale")))
     store.create_session("s1")
     assert store.get_messages("s1") == []
     assert client.exists(k.ids, k.idlog, k.archive) == 0
+
+
+def test_create_refuses_messages_whose_meta_was_evicted(
+    client: redis.Redis, store: ConversationStore
+) -> None:
+    """Messages with more than a second to live and no meta are no leftovers of an expired
+    session (its keys share their deadline): the meta was evicted, and creating would delete
+    a live conversation's messages. CS_CORRUPT, nothing written."""
+    k = store.schema.session("s1")
+    client.rpush(k.msgs, json.dumps(user("live")))
+    for exist_ok in (False, True):
+        with pytest.raises(SessionCorruptedError, match=re.escape(k.meta)):
+            store.create_session("s1", system="new", exist_ok=exist_ok)
+    assert client.lrange(k.msgs, 0, -1) == [json.dumps(user("live")).encode()]
+    assert not client.exists(k.meta)
 
 
 @pytest.mark.parametrize(
@@ -628,6 +644,28 @@ def test_pop_partly_evicted_session_is_cs_corrupt_and_writes_nothing(
     before = snapshot(client, store, "s1")
     with pytest.raises(SessionCorruptedError, match=re.escape(key)):
         pop(store, "s1")
+    assert snapshot(client, store, "s1") == before
+
+
+@pytest.mark.parametrize("lost", ["msgs", "ids", "idlog", "meta"])
+def test_append_and_reads_of_a_partly_evicted_session_are_cs_corrupt(
+    client: redis.Redis, store: ConversationStore, lost: str
+) -> None:
+    """One key lost, the others kept: appends name it (a retry and a new message alike), and
+    reads name the list or the meta (they read no id key); nothing is written."""
+    store.create_session("s1", system="be brief")
+    store.append("s1", user("one", id="m1"))
+    k = store.schema.session("s1")
+    key = getattr(k, lost)
+    client.delete(key)
+    before = snapshot(client, store, "s1")
+    for message in (user("one", id="m1"), user("two", id="m2")):
+        with pytest.raises(SessionCorruptedError, match=re.escape(key)):
+            store.append("s1", message)
+    if lost in ("msgs", "meta"):
+        for read in (store.get_context, store.get_messages, store.get_state):
+            with pytest.raises(SessionCorruptedError, match=re.escape(key)):
+                read("s1")
     assert snapshot(client, store, "s1") == before
 
 

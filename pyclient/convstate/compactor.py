@@ -382,7 +382,7 @@ class Compactor:
         """The session's meta and its raw (undecoded) records, read atomically by the state
         script (a MULTI would be refused when Redis memory is full: Redis refuses every
         command queued in a MULTI then). Empty meta: the session is gone. Raises
-        SessionCorruptedError if its list was evicted."""
+        SessionCorruptedError if its list or its meta was evicted."""
         keys = claim.keys
         try:
             flat, raw = await self._script("state", [keys.msgs, keys.meta], [claim.session_id, 1])
@@ -439,7 +439,10 @@ class Compactor:
             return Outcome(sid, "lost", note="lease lost while reading the session")
         except SessionCorruptedError as corrupted:  # evicted keys: retry, then dead-letter
             log.error("session %r cannot be compacted: %s", sid, corrupted)
-            state = await self.release(claim, "retry", f"corrupted: {corrupted}")
+            try:
+                state = await self.release(claim, "retry", f"corrupted: {corrupted}")
+            except LeaseLostError:  # its meta (which holds the lease) is what was evicted
+                return Outcome(sid, "lost", note=str(corrupted))
             return Outcome(sid, "dead" if state == "dead" else "retry", note=str(corrupted))
         if not meta:
             return Outcome(sid, "gone")

@@ -430,6 +430,8 @@ class SnapshotRead:
             if isinstance(reply, Exception):
                 raise reply
         if meta[0] is None:
+            if llen:  # messages without meta (evicted, or a TTL's end): read.lua tells which
+                return None
             # (from None: as the script's CS_NOSESSION is raised, with no chained traceback)
             raise SessionNotFoundError(f"session {self.session_id} does not exist") from None
         cut = cut_window(
