@@ -839,6 +839,63 @@ async def test_daemon_woken_by_pubsub_compacts_shards_on_every_master(
     assert task.exception() is None
 
 
+async def test_daemon_repairs_evicted_queue_entries_on_every_master(
+    cluster: LocalCluster,
+) -> None:
+    """``--repair-queue on`` on a cluster: SCAN is per node, so the sweep scans every primary
+    for sessions left ``queued`` without their queue entry (deleted here on each master, as
+    eviction would) and queues them again; the daemon then compacts every one."""
+    prefix = new_prefix()
+    schema = KeySchema(prefix, FEW_SHARDS)
+    by_master = sessions_on_every_master(cluster, schema, 1, "lostq")
+    sids = [sid for ids in by_master.values() for sid in ids]
+    store = AsyncConversationStore.from_url(
+        cluster.url,
+        cluster=True,
+        token_limit=TOKEN_LIMIT,
+        encoding=ENC,
+        prefix=prefix,
+        shards=FEW_SHARDS,
+    )
+    settings = DaemonSettings(
+        redis_url=cluster.url,
+        cluster=True,
+        prefix=prefix,
+        shards=FEW_SHARDS,
+        http_port=-1,
+        sweep_interval=1.0,
+        encoding=ENC,
+        lease=5.0,
+        keep_recent_tokens=POLICY.keep_recent_tokens,
+        min_recent_messages=POLICY.min_recent_messages,
+        max_summary_tokens=POLICY.max_summary_tokens,
+        repair_queue="on",
+    )
+    daemon = Daemon(settings)
+    task: asyncio.Task[None] | None = None
+    try:
+        for sid in sids:
+            await flag_async(store, sid)
+            assert await store.redis.delete(schema.session(sid).queue) == 1
+        task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+        deadline = time.monotonic() + 20
+        for sid in sids:
+            while (await store.get_state(sid)).meta.epoch < 1:
+                assert not task.done(), sid
+                assert time.monotonic() < deadline, (sid, (await store.get_state(sid)).meta)
+                await asyncio.sleep(0.05)
+    finally:
+        if task is not None:
+            daemon.request_stop()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), 15)
+        await store.aclose()
+    assert task is not None
+    assert task.done()
+    assert task.exception() is None
+    assert len(by_master) == len(cluster.masters) == 3
+
+
 # -- 3. operator CLI -----------------------------------------------------------------------------
 
 

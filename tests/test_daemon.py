@@ -41,7 +41,7 @@ import redis.asyncio
 from click.testing import CliRunner
 
 import convstate.daemon
-from convstate import AsyncConversationStore, ConversationStore
+from convstate import AsyncConversationStore, ConversationStore, ConvstateError
 from convstate.cli import main as cli_main
 from convstate.compactor import SUMMARY_PREFIX
 from convstate.daemon import Daemon, DaemonSettings
@@ -1037,6 +1037,14 @@ def test_redacted_url_keeps_ipv6_brackets() -> None:
     assert redact_url("redis://:s3cretpass@[::1]:6390/0") == "redis://:***@[::1]:6390/0"
 
 
+def test_repair_queue_is_auto_on_or_off() -> None:
+    assert DaemonSettings().repair_queue == "auto"
+    for mode in ("auto", "on", "off"):
+        assert DaemonSettings(repair_queue=mode).repair_queue == mode
+    with pytest.raises(ConvstateError, match="repair_queue must be auto, on or off"):
+        DaemonSettings(repair_queue="yes")
+
+
 # -- 8. settings from flags and env ----------------------------------------------------------
 
 #: A non-default value for every DaemonSettings field: (CONVSTATE_* value, parsed value).
@@ -1049,6 +1057,7 @@ ENV_VALUES: dict[str, tuple[str, Any]] = {
     "lease": ("2.5", 2.5),
     "grace": ("7", 7.0),
     "sweep_interval": ("0.25", 0.25),
+    "repair_queue": ("on", "on"),
     "max_attempts": ("9", 9),
     "backoff": ("0.5", 0.5),
     "http_host": ("0.0.0.0", "0.0.0.0"),
@@ -1140,6 +1149,11 @@ def test_help_lists_every_env_var() -> None:
             "--sweep-interval / CONVSTATE_SWEEP_INTERVAL: sweep_interval must be a positive",
         ),
         ("SUMMARIZER", "gpt", "'gpt' is not one of"),
+        (
+            "REPAIR_QUEUE",
+            "yes",
+            "'--repair-queue' (env var: 'CONVSTATE_REPAIR_QUEUE'): 'yes' is not one of",
+        ),
         ("HTTP_PORT", "70000", "'--http-port' (env var: 'CONVSTATE_HTTP_PORT')"),
         ("ARCHIVE", "maybe", "is not a valid boolean"),
         ("LOG_LEVEL", "LOUD", "--log-level / CONVSTATE_LOG_LEVEL: log_level must be"),

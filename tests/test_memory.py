@@ -627,13 +627,31 @@ def test_messages_about_to_expire_without_meta_are_no_session(
     assert [m["content"] for m in state.messages] == ["A new conversation."]
 
 
+@pytest.mark.parametrize(
+    ("policy", "mode", "repairs"),
+    [
+        ("allkeys-lru", "auto", True),  # CONFIG GET shows a policy that evicts
+        ("allkeys-lru", "off", False),
+        ("noeviction", "on", True),  # on needs no CONFIG GET (a restricted user)
+        ("noeviction", "auto", False),
+    ],
+)
 async def test_the_sweep_queues_again_a_session_whose_queue_was_evicted(
-    lru_server: RedisServer, prefix: str
+    lru_server: RedisServer,
+    noeviction_server: RedisServer,
+    prefix: str,
+    policy: str,
+    mode: str,
+    repairs: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Under a policy that evicts, the daemon's sweep scans for sessions left ``queued``
-    without their queue entry and queues them again."""
-    redis_url = lru_server.url
-    r = lru_server.client()
+    """The daemon's sweep scans for sessions left ``queued`` without their queue entry and
+    queues them again: with ``--repair-queue auto`` when CONFIG GET shows a policy that
+    evicts, always with ``on``, never with ``off``."""
+    caplog.set_level(logging.INFO, logger="convstate")
+    server = lru_server if policy == "allkeys-lru" else noeviction_server
+    redis_url = server.url
+    r = server.client()
     store = sync_store(redis_url, prefix, token_limit=3000)
     flag_sessions(store, ["lost"], words=60)
     keys = store.schema.session("lost")
@@ -646,23 +664,88 @@ async def test_the_sweep_queues_again_a_session_whose_queue_was_evicted(
             shards=SHARDS,
             http_port=-1,
             encoding=ENC,
-            sweep_interval=1.0,
+            sweep_interval=0.5,
             keep_recent_tokens=300,
             min_recent_messages=2,
+            repair_queue=mode,
         )
     )
     task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
     try:
-        deadline = time.monotonic() + 10
-        while store.get_state("lost").meta.epoch < 1:
-            assert time.monotonic() < deadline, store.get_state("lost").meta
+        deadline = time.monotonic() + (10 if repairs else 2.5)  # a repair takes one sweep
+        while store.get_state("lost").meta.epoch < 1 and time.monotonic() < deadline:
             assert not task.done()
             await asyncio.sleep(0.1)
+        meta = store.get_state("lost").meta
+        assert (meta.epoch >= 1) == repairs, meta
+        if not repairs:
+            assert (meta.state, r.zscore(keys.queue, "lost")) == ("queued", None)
     finally:
         daemon.request_stop()
         await asyncio.wait_for(task, 10)
         store.close()
         r.close()
+    said = [rec.getMessage() for rec in caplog.records]
+    assert any(f"queue repair on (--repair-queue {mode})" in m for m in said) == repairs, said
+
+
+async def test_daemon_says_nothing_when_config_get_is_refused(
+    lru_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the client: a daemon refused CONFIG GET (an ACL, a managed service) says nothing
+    about the policy, and with ``--repair-queue auto`` it does not scan either, even when it
+    may (``+scan``) and the policy evicts: it cannot know."""
+    admin = lru_server.client()
+    user = f"u{prefix}"
+    try:
+        admin.execute_command(
+            "ACL", "SETUSER", user, "reset", "on", ">pw", f"~{prefix}:*", "&*", "+@all", "-config"
+        )
+        admin.acl_log_reset()
+        url = f"redis://{user}:pw@{lru_server.host}:{lru_server.port}/0"
+        with sync_store(url, prefix, token_limit=3000) as store:
+            flag_sessions(store, ["lost"], words=60)
+            admin.delete(store.schema.session("lost").queue)
+        caplog.set_level(logging.DEBUG, logger="convstate")
+        daemon = Daemon(
+            DaemonSettings(
+                redis_url=url,
+                prefix=prefix,
+                shards=SHARDS,
+                http_port=-1,
+                encoding=ENC,
+                sweep_interval=0.5,
+            )
+        )
+        scans = 0
+        real_scan = daemon.redis.scan
+
+        async def counting_scan(*args: Any, **kwargs: Any) -> Any:
+            nonlocal scans
+            scans += 1
+            return await real_scan(*args, **kwargs)
+
+        daemon.redis.scan = counting_scan  # type: ignore[method-assign]
+        task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+        try:
+            await asyncio.wait_for(daemon.started.wait(), 10)
+            await asyncio.sleep(1.5)  # three sweep ticks
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(task, 10)
+        refused = [e["object"] for e in admin.acl_log() if e.get("username") == user]
+        assert refused, "CONFIG GET was not refused"
+        assert all(str(o).startswith("config") for o in refused), refused
+        said = [
+            rec.getMessage()
+            for rec in caplog.records
+            if rec.levelno >= logging.INFO and rec.name.startswith("convstate")
+        ]
+        assert not [m for m in said if "maxmemory" in m or "evict" in m or "queue repair" in m]
+        assert scans == 0
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
 
 
 def test_real_eviction_never_answers_a_partly_evicted_session(

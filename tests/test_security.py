@@ -402,6 +402,61 @@ async def test_documented_acl_runs_the_daemon(acl_user: AclUser) -> None:
     assert u.refusals() == EXPECTED_REFUSALS
 
 
+def documented_scan_line() -> str:
+    """docs/security.md's ``ACL SETUSER convstate +scan`` line (under a policy that evicts)."""
+    (line,) = [line for line in documented_acl_lines() if "+scan" in line.split()]
+    return line
+
+
+async def test_documented_acl_with_scan_repairs_an_evicted_queue_entry(
+    acl_user: AclUser, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under a policy that evicts, the documented user plus the documented ``+scan`` line and
+    ``--repair-queue on``: the sweep finds a session left ``queued`` without its queue entry
+    (deleted here, as eviction would) and queues it again, and the daemon compacts it. The
+    user is refused CONFIG GET, so ``auto`` would never scan: ``on`` does not need it."""
+    u = acl_user
+    command(
+        u.admin,
+        "ACL",
+        "SETUSER",
+        *acl_rules(documented_scan_line(), user=u.name, password=u.password, prefix=u.prefix),
+    )
+    caplog.set_level(logging.INFO, logger="convstate")
+    sid = "acl-lost-queue"
+    keys = KeySchema(u.prefix, SHARDS).session(sid)
+    with ConversationStore.from_url(
+        u.url, token_limit=TOKEN_LIMIT, encoding=ENCODING, prefix=u.prefix, shards=SHARDS
+    ) as store:
+        flag_session(store, sid)
+        assert u.admin.delete(keys.queue) == 1
+        settings = DaemonSettings(
+            redis_url=u.url,
+            prefix=u.prefix,
+            shards=SHARDS,
+            http_port=-1,
+            repair_queue="on",
+            **DAEMON_POLICY,
+        )
+        daemon = Daemon(settings)
+        task = asyncio.create_task(daemon.serve(install_signal_handlers=False))
+        try:
+            await wait_for_start(daemon, task)
+
+            async def repaired() -> bool:
+                return store.get_state(sid).meta.epoch >= 1
+
+            await eventually(repaired, f"{sid!r} to be queued again and compacted", task)
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(task, 10)
+        store.delete_session(sid)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("queue repair on (--repair-queue on)" in m for m in messages), messages
+    assert any("queued it again" in m and sid in m for m in messages), messages
+    assert u.refusals() == EXPECTED_REFUSALS
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]],
     what: str,

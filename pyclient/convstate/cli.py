@@ -624,6 +624,9 @@ DAEMON_HELP: dict[str, str] = {
     "lease": "Lease length in seconds; a silent daemon loses its sessions after it.",
     "grace": "Seconds to finish in-flight compactions after SIGTERM before giving them back.",
     "sweep_interval": "Seconds to visit every shard once (backstop for missed wake-ups).",
+    "repair_queue": "Whether the sweep also scans (SCAN, needs +scan) for sessions left queued "
+    "without their queue entry (evicted): auto = when CONFIG GET shows a maxmemory-policy that "
+    "evicts, on, off.",
     "max_attempts": "Failed attempts before a session goes to the dead-letter state.",
     "backoff": "Base retry delay in seconds (doubles per attempt).",
     "http_host": "Address of /healthz, /readyz and /metrics.",
@@ -667,6 +670,13 @@ DAEMON_RANGES: dict[str, click.ParamType[Any]] = {
 }
 
 
+#: The values a daemon option may take, when they are a few names.
+DAEMON_CHOICES: dict[str, list[str]] = {
+    "summarizer": ["extractive", "openai"],
+    "repair_queue": ["auto", "on", "off"],
+}
+
+
 def _flag_and_env(name: str) -> str:
     """``concurrency`` -> ``--concurrency / CONVSTATE_CONCURRENCY``."""
     return f"--{name.replace('_', '-')} / CONVSTATE_{name.upper()}"
@@ -704,10 +714,10 @@ def _daemon_params() -> list[click.Parameter]:
                 show_envvar=True,
                 help=help_text,
             )
-        elif f.name == "summarizer":
+        elif f.name in DAEMON_CHOICES:
             option = click.Option(
                 [flag],
-                type=click.Choice(["extractive", "openai"]),
+                type=click.Choice(DAEMON_CHOICES[f.name]),
                 default=default,
                 envvar=envvar,
                 show_default=True,

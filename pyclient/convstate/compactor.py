@@ -326,17 +326,23 @@ class Compactor:
         reply = await self._script("peek", [s.queue(shard), s.running(shard), s.dead(shard)], [])
         return ShardStatus(shard, *(int(x) for x in reply))
 
-    async def repair_step(self, cursor: int, count: int = 1000) -> tuple[int, list[str]]:
+    async def repair_step(
+        self, cursor: int, count: int = 1000, *, node: Any = None
+    ) -> tuple[int, list[str]]:
         """One step of the scan that repairs sessions whose queue entry was lost (evicted
         under a ``maxmemory-policy`` that evicts): a session in state ``queued`` with no entry
         in its shard queue would wait forever. SCAN ``count`` keys from ``cursor`` for session
         meta hashes of this prefix and queue those sessions again. Returns the next cursor (0:
-        a full pass ended) and the repaired session ids. Standalone servers only (SCAN is per
-        node); needs ``+scan``."""
+        a full pass ended) and the repaired session ids. SCAN is per node: on a cluster,
+        ``node`` (a primary of the cluster client) is the one scanned, and a full repair scans
+        every primary. Needs ``+scan``."""
         tag = re.compile(rf"^{re.escape(self.schema.prefix)}:\{{\d+\}}:s:(.+):meta$")
-        cursor, found = await self.redis.scan(
-            cursor, match=f"{self.schema.prefix}:{{*}}:s:*:meta", count=count
-        )
+        match = f"{self.schema.prefix}:{{*}}:s:*:meta"
+        if node is None:
+            cursor, found = await self.redis.scan(cursor, match=match, count=count)
+        else:  # the cluster client answers {node name: cursor}, keys
+            reply: Any = await self.redis.scan(cursor, match=match, count=count, target_nodes=node)
+            cursor, found = reply[0][node.name], reply[1]
         sids = [m.group(1) for m in (tag.match(_text(raw)) for raw in found) if m is not None]
         repaired: list[str] = []
         if not sids:

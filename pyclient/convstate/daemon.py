@@ -67,6 +67,12 @@ _REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 #: Longest pause between two attempts of the pub/sub listener to subscribe again.
 RESUBSCRIBE_MAX_DELAY = 5.0
 
+#: ``--repair-queue``: whether the sweep also scans for sessions left ``queued`` without their
+#: queue entry (evicted). ``auto``: when the start-up ``CONFIG GET maxmemory-policy`` shows a
+#: policy that evicts (never when it is refused); ``on``: always (``+scan`` is needed, not
+#: ``+config|get``); ``off``: never.
+REPAIR_QUEUE_MODES = ("auto", "on", "off")
+
 
 class _Trouble:
     """One kind of recurring Redis failure (the sweep, a claim, the subscription): logged at
@@ -111,6 +117,7 @@ class DaemonSettings:
     lease: float = 60.0
     grace: float = 30.0
     sweep_interval: float = 60.0
+    repair_queue: str = "auto"
     max_attempts: int = 5
     backoff: float = 1.0
     http_host: str = "127.0.0.1"
@@ -140,6 +147,10 @@ class DaemonSettings:
                 raise ConfigurationError(f"{name} must be a positive number of seconds")
         if self.summarizer not in ("extractive", "openai"):
             raise ConfigurationError("summarizer must be 'extractive' or 'openai'")
+        if self.repair_queue not in REPAIR_QUEUE_MODES:
+            raise ConfigurationError(
+                f"repair_queue must be auto, on or off, not {self.repair_queue!r}"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigurationError(
                 f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}"
@@ -391,9 +402,10 @@ class Daemon:
         self._timers: set[asyncio.TimerHandle] = set()
         self._sweep_all = False  # set by the listener once subscribed: nothing flagged is missed
         self._sweep_now = asyncio.Event()  # wakes the sweeper at once for _sweep_all
-        # SCAN cursor of the queue repair: None = off. On only when the start-up check saw a
-        # maxmemory-policy that evicts, and not on a cluster (SCAN is per node).
-        self._repair_cursor: int | None = None
+        # The queue repair's SCAN cursor per node name ("" on a standalone server): None =
+        # off (see REPAIR_QUEUE_MODES, decided at start). On a cluster a pass scans every
+        # primary; the next one starts once every cursor came back to 0.
+        self._repair: dict[str, int] | None = None
         self._background: list[asyncio.Task[None]] = []
         self.http: HealthServer | None = None
         self.started = asyncio.Event()
@@ -630,21 +642,39 @@ class Daemon:
 
     async def _repair_step(self) -> None:
         """One bounded step of the scan that queues again sessions whose queue entry was
-        evicted (see :meth:`Compactor.repair_step`). Runs only under a ``maxmemory-policy``
-        that evicts (seen at start), not on a cluster, and stops once SCAN is refused (an
-        ACL without ``+scan``: logged once)."""
-        if self._repair_cursor is None:
+        evicted (see :meth:`Compactor.repair_step`), on a standalone server or on each primary
+        of a cluster. Runs when ``--repair-queue`` turned it on at start, and stops once SCAN
+        is refused (an ACL without ``+scan``: logged once)."""
+        repair = self._repair
+        if repair is None:
             return
+        repaired: list[str] = []
         try:
-            self._repair_cursor, repaired = await self.compactor.repair_step(self._repair_cursor)
+            if not isinstance(self.redis, redis.asyncio.RedisCluster):
+                repair[""], found = await self.compactor.repair_step(repair.get("", 0))
+                repaired += found
+            else:
+                if not repair:  # a new pass, over the primaries of now
+                    repair.update((node.name, 0) for node in self.redis.get_primaries())
+                for name, cursor in list(repair.items()):
+                    node = self.redis.get_node(node_name=name)
+                    if node is None:  # gone (a failover): its successor is in the next pass
+                        del repair[name]
+                        continue
+                    cursor, found = await self.compactor.repair_step(cursor, node=node)
+                    repaired += found
+                    if cursor:
+                        repair[name] = cursor
+                    else:
+                        del repair[name]
         except ResponseError as exc:
             log.warning(
                 "the sweep cannot scan for sessions whose queue entry was evicted (%s); grant "
-                "+scan to repair them, or run Redis with maxmemory-policy noeviction",
+                "+scan to the daemon's user to repair them (under maxmemory-policy "
+                "noeviction nothing is evicted, and --repair-queue auto or off needs no SCAN)",
                 exc,
             )
-            self._repair_cursor = None
-            return
+            self._repair = None
         for sid in repaired:
             self.wake(self.schema.shard_of(sid))
 
@@ -748,7 +778,8 @@ class Daemon:
         """Check the shard count recorded for the prefix: read first, and record it only when
         missing, so a daemon starts when Redis memory is full (then it is recorded later by
         a client). Warn once about a ``maxmemory-policy`` that evicts (nothing is said if
-        CONFIG GET is refused, e.g. by ACL or a managed service)."""
+        CONFIG GET is refused, e.g. by ACL or a managed service), and turn the queue repair
+        on or off (``--repair-queue``)."""
         from convstate.operations import check_shard_config, eviction_warning
 
         config = self.schema.config
@@ -769,8 +800,22 @@ class Daemon:
             warning = None
         if warning:
             log.warning(warning)
-            if not isinstance(self.redis, redis.asyncio.RedisCluster):
-                self._repair_cursor = 0
+        mode = self.settings.repair_queue
+        if mode == "on" or (mode == "auto" and warning):
+            self._repair = {}
+            where = (
+                "every primary"
+                if isinstance(self.redis, redis.asyncio.RedisCluster)
+                else "the server"
+            )
+            log.info(
+                "queue repair on (--repair-queue %s): the sweep scans %s (SCAN, needs +scan) "
+                "for sessions left queued without their queue entry",
+                mode,
+                where,
+            )
+        else:
+            log.debug("queue repair off (--repair-queue %s)", mode)
 
     async def _drain(self) -> None:
         busy = {t for t, w in self._workers.items() if w.busy}
