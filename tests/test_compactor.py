@@ -1089,6 +1089,38 @@ async def test_an_app_600_s_ahead_flags_a_session_a_daemon_claims_at_once(
     assert claim.session_id == sid
 
 
+@pytest.mark.parametrize("skew", [CLOCK_SKEW, -CLOCK_SKEW], ids=["ahead", "behind"])
+async def test_an_app_host_with_a_wrong_clock_stamps_every_write_with_the_servers(
+    ar: redis.asyncio.Redis,
+    store: AsyncConversationStore,
+    monkeypatch: pytest.MonkeyPatch,
+    skew: float,
+) -> None:
+    """The whole app process off by 600 s (time.time itself, as skew_clock does for the soak's
+    writers): create, append, flag, update_context and pop all take the server's clock."""
+    import time
+
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + skew)
+    sid = f"app-{skew:+.0f}"
+    await flagged_session(store, sid)
+    keys = store.schema.session(sid)
+    await store.update_context(sid, {"user": "u-1"})
+    now = await server_ms(ar)
+    meta = await meta_of(ar, keys)
+    for field in ("created_at", "updated_at", "queued_at"):
+        assert now - 5_000 < int(meta[field]) <= now, field
+    score = await ar.zscore(keys.queue, sid)
+    assert score is not None
+    assert now - 5_000 < score <= now
+    await store._run(store.ops.pop(sid))  # what the Agents adapter's pop_item runs
+    assert now - 5_000 < int((await meta_of(ar, keys))["updated_at"]) <= await server_ms(ar)
+    compactor = make_compactor(ar, store, FakeSummarizer())
+    claim = await compactor.claim_next(keys.shard)
+    assert claim is not None
+    assert claim.session_id == sid
+
+
 async def test_a_daemon_600_s_behind_still_reaps_an_expired_lease(
     ar: redis.asyncio.Redis, store: AsyncConversationStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
