@@ -10,11 +10,11 @@
   grow the data (``--archive``) is refused and retried later, the history untouched.
 * **evicting policies**: the client and the daemon warn once about the policy (and say
   nothing when CONFIG GET is refused); a session that lost one of its keys (its list, meta,
-  id hash or id log) raises ``SessionCorruptedError`` naming the key, on reads, appends,
-  ``create_session`` and pops, and a compaction neither hides nor repairs the loss; a session
-  whose queue entry was lost is queued again by the daemon's sweep. Each
-  loss is made precisely with ``DEL`` of the one key, and once for real: a server with
-  ``allkeys-lru`` filled until it evicts.
+  id hash or id log) raises ``SessionCorruptedError`` naming the key, on reads (the
+  framework adapters' too), appends, ``create_session`` and pops, and a compaction neither
+  hides nor repairs the loss; a session whose queue entry was lost is queued again by the
+  daemon's sweep. Each loss is made precisely with ``DEL`` of the one key, and once for
+  real: a server with ``allkeys-lru`` filled until it evicts.
 
 Every test runs on the engine of ``$CONVSTATE_TEST_ENGINE`` (Redis 7, Valkey 8, Redis 6.2).
 """
@@ -22,11 +22,12 @@ Every test runs on the engine of ``$CONVSTATE_TEST_ENGINE`` (Redis 7, Valkey 8, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ import redis.asyncio
 from redis.exceptions import OutOfMemoryError
 
 from convstate import AsyncConversationStore, ConversationStore
+from convstate.adapters.langchain import ConvstateChatMessageHistory
 from convstate.adapters.openai_agents import ConvstateSession
 from convstate.admin import Admin
 from convstate.compactor import Compactor, CompactorConfig
@@ -202,6 +204,7 @@ async def test_pop_item_frees_memory_when_memory_is_full(
             {"role": "system", "content": "You are terse."},
             items[0],
         ]
+        assert await session.get_items(1) == [items[0]]  # (a full Redis refuses a MULTI)
         with pytest.raises(MemoryFullError):
             await session.add_items([items[1]])
         assert await session.pop_item() == items[0]
@@ -818,3 +821,136 @@ def test_real_eviction_never_answers_a_partly_evicted_session(
         admin.config_set("maxmemory", 0)
         admin.flushall()
         admin.close()
+
+
+# -- the framework adapters' reads of a partly evicted session ----------------------------------
+
+
+def adapter_reads(
+    store: ConversationStore, astore: AsyncConversationStore, sid: str
+) -> dict[str, Callable[[], Awaitable[Any]]]:
+    """Every read of the adapters, by name: the Agents session's ``get_items`` (all items, a
+    limit's fast MULTI read, its default limit; ``create`` True and False) and LangChain's
+    history (whole history or a budget window; sync, async on the async store, and async run
+    in a thread)."""
+    reads: dict[str, Callable[[], Awaitable[Any]]] = {}
+    for create in (True, False):
+        session = ConvstateSession(sid, astore, create=create)
+        limited = ConvstateSession(sid, astore, create=create, session_settings={"limit": 2})
+        reads[f"get_items() create={create}"] = session.get_items
+        reads[f"get_items(2) create={create}"] = functools.partial(session.get_items, 2)
+        reads[f"get_items(100) create={create}"] = functools.partial(session.get_items, 100)
+        reads[f"get_items() limit=2 create={create}"] = limited.get_items
+        for budget in (None, 2000):
+            sync = ConvstateChatMessageHistory(sid, store, create=create, budget=budget)
+            both = ConvstateChatMessageHistory(
+                sid, store, async_store=astore, create=create, budget=budget
+            )
+            reads[f"messages budget={budget} create={create}"] = functools.partial(
+                asyncio.to_thread, lambda h=sync: h.messages
+            )
+            reads[f"aget_messages budget={budget} create={create}"] = both.aget_messages
+            reads[f"aget_messages (thread) budget={budget} create={create}"] = sync.aget_messages
+    return reads
+
+
+@pytest.fixture
+async def astore(redis_url: str, prefix: str) -> AsyncIterator[AsyncConversationStore]:
+    store = AsyncConversationStore.from_url(
+        redis_url, token_limit=3000, encoding=ENC, prefix=prefix, shards=SHARDS
+    )
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("lost", ["msgs", "meta"])
+async def test_the_adapters_report_a_partly_evicted_session_not_answer_from_what_is_left(
+    store: ConversationStore, astore: AsyncConversationStore, r: redis.Redis, lost: str
+) -> None:
+    """The adapters' reads of a session that lost its list (its meta still counts messages)
+    or its meta (its messages survive) raise ``SessionCorruptedError`` naming the lost key,
+    with or without a limit or budget, ``create`` True or False: never ``[]``, never "no
+    such session". ``get_items(limit)``'s one-MULTI read hands over to the store's
+    authoritative read (state.lua) when its snapshot shows either loss."""
+    items = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"item {i}"} for i in range(4)
+    ]
+    await astore.create_session("s", system="You are terse.")
+    await ConvstateSession("s", astore).add_items(items)
+    keys = store.schema.session("s")
+    evicted = getattr(keys, lost)
+    r.delete(evicted)
+    reads = adapter_reads(store, astore, "s")
+    outcomes = {}
+    for name, read in reads.items():
+        try:
+            outcomes[name] = f"answered {await read()!r}"
+        except SessionCorruptedError as exc:
+            outcomes[name] = (
+                "reported" if evicted in str(exc) else f"reported without the key: {exc}"
+            )
+    assert outcomes == dict.fromkeys(reads, "reported")
+    assert not r.exists(evicted)
+    assert r.exists(keys.meta if lost == "msgs" else keys.msgs)
+
+
+async def test_the_adapters_read_a_whole_session_and_a_missing_one_as_before(
+    store: ConversationStore, astore: AsyncConversationStore, r: redis.Redis
+) -> None:
+    """The checks change nothing for a whole session (its items, in one MULTI for a limit),
+    an empty one (meta counts no messages, no list: not a loss), one that does not exist,
+    and one whose messages outlive their meta by under a second (the end of a TTL: gone)."""
+    items = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"item {i}"} for i in range(4)
+    ]
+    await ConvstateSession("s", astore).add_items(items)
+    session = ConvstateSession("s", astore, create=False)
+    assert await session.get_items() == items
+    assert await session.get_items(2) == items[-2:]
+    assert await session.get_items(100) == items
+    stats = r.info("commandstats")
+    before = {name: int(s["calls"]) for name, s in stats.items()}
+    assert await session.get_items(3) == items[-3:]
+    calls = {
+        name: int(s["calls"]) - before.get(name, 0)
+        for name, s in r.info("commandstats").items()
+        if int(s["calls"]) != before.get(name, 0)
+    }
+    calls.pop("cmdstat_info", None)
+    assert calls == {
+        "cmdstat_multi": 1,
+        "cmdstat_exists": 1,
+        "cmdstat_hget": 1,
+        "cmdstat_lrange": 1,
+        "cmdstat_exec": 1,
+    }, calls  # one round trip, no script: the fast path stays fast
+    history = ConvstateChatMessageHistory("s", store, async_store=astore, create=False)
+    assert [m.content for m in history.messages] == [i["content"] for i in items]
+    assert [m.content for m in await history.aget_messages()] == [i["content"] for i in items]
+
+    await astore.create_session("empty")
+    assert not r.exists(store.schema.session("empty").msgs)
+    for sid, creates in (("empty", (True, False)), ("never", (True,))):
+        for create in creates:
+            assert await ConvstateSession(sid, astore, create=create).get_items() == []
+            assert await ConvstateSession(sid, astore, create=create).get_items(2) == []
+            assert ConvstateChatMessageHistory(sid, store, create=create).messages == []
+    for read_missing in (
+        ConvstateSession("never", astore, create=False).get_items,
+        functools.partial(ConvstateSession("never", astore, create=False).get_items, 2),
+        ConvstateChatMessageHistory("never", store, async_store=astore, create=False).aget_messages,
+    ):
+        with pytest.raises(SessionNotFoundError):
+            await read_missing()
+
+    await ConvstateSession("ending", astore).add_items(items)
+    keys = store.schema.session("ending")
+    r.delete(keys.meta)
+    r.pexpire(keys.msgs, 900)
+    assert await ConvstateSession("ending", astore).get_items(2) == []
+    assert await ConvstateSession("ending", astore).get_items() == []
+    with pytest.raises(SessionNotFoundError):
+        await ConvstateSession("ending", astore, create=False).get_items(2)
+    assert ConvstateChatMessageHistory("ending", store).messages == []

@@ -72,7 +72,10 @@ TTL). With ``create=False`` reads and writes of a missing (or expired) session r
 :class:`~convstate.errors.SessionNotFoundError`: create sessions yourself with
 ``store.create_session(session_id, system=..., token_limit=...)``. ``clear()`` deletes the
 whole session (its system message(s), context and limit included); with ``create=True`` the
-next ``add_messages`` starts a fresh one.
+next ``add_messages`` starts a fresh one. A session that lost some of its keys to eviction
+(``maxmemory-policy`` other than ``noeviction``) is neither missing nor empty: reads (whole or
+``budget`` window, sync or async) and adds raise
+:class:`~convstate.errors.SessionCorruptedError` naming the missing key, with either ``create``.
 
 Note: ``langchain-core`` 1.x marks ``BaseChatMessageHistory`` and
 ``RunnableWithMessageHistory`` as deprecated in favour of LangGraph persistence; they still

@@ -57,7 +57,11 @@ the first ``add_items`` creates it with the store's defaults. With ``create=Fals
 ``get_items`` and ``add_items`` raise :class:`~convstate.errors.SessionNotFoundError` for a
 missing (or expired) session: create it with ``store.create_session(...)`` first.
 ``pop_item`` of a missing session returns None. ``clear_session`` deletes the session (its
-system message(s), context and limit included).
+system message(s), context and limit included). A session that lost some of its keys to
+eviction (``maxmemory-policy`` other than ``noeviction``) is neither missing nor empty:
+``get_items``, ``add_items`` and ``pop_item`` raise
+:class:`~convstate.errors.SessionCorruptedError` naming the missing key, with either
+``create``.
 
 **Settings.** ``session_settings`` is a ``SessionSettings`` or a dict of its fields
 (``{"limit": 20}``), coerced as the SDK's own sessions do; an unknown key, a bad value or another
@@ -85,6 +89,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError(
         "convstate.adapters.openai_agents needs openai-agents: pip install 'convstate[agents]'"
     ) from exc
+
+from redis.exceptions import OutOfMemoryError
 
 from convstate.client import AsyncConversationStore
 from convstate.errors import (
@@ -418,25 +424,49 @@ class ConvstateSession:
         """The session's items, oldest first; with ``limit``, the latest ``limit`` of them.
 
         ``limit`` defaults to ``session_settings.limit``; ``limit <= 0`` returns ``[]``. One
-        round trip; with a limit only the newest ``limit`` records are read.
+        round trip; with a limit only the newest ``limit`` records are read (one MULTI: meta's
+        existence and message count, the newest records).
+
+        Raises :class:`~convstate.errors.SessionCorruptedError`, naming the missing key, if
+        some of the session's keys were evicted (its meta counts messages but its list is
+        gone, or its meta is gone but its messages survive), whatever ``create`` is: such a
+        session is never read as empty or missing. With a limit, a snapshot showing either
+        loss (or a Redis at ``maxmemory``, which refuses every command queued in a MULTI)
+        hands over to the store's authoritative read (``lua/state.lua``, a second round
+        trip), which tells an eviction from the end of a TTL (messages left with under a
+        second to live: the session is gone) exactly as the store's own reads do.
         """
         if limit is None:
             limit = self._default_limit()
         if limit is None:
-            try:
-                records = await self.store.get_messages(self.session_id)
-            except SessionNotFoundError:
-                return self._missing()
-            return _items(records)
+            return await self._read_all()
         if limit <= 0:
             return []
-        async with self.store.client() as client, client.pipeline(transaction=True) as pipe:
-            pipe.exists(self._keys.meta)
-            pipe.lrange(self._keys.msgs, -limit, -1)
-            exists, raw = await pipe.execute()
-        if not exists:
+        keys = self._keys
+        try:
+            async with self.store.client() as client, client.pipeline(transaction=True) as pipe:
+                pipe.exists(keys.meta)
+                pipe.hget(keys.meta, "message_count")
+                pipe.lrange(keys.msgs, -limit, -1)
+                exists, counted, raw = await pipe.execute()
+        except OutOfMemoryError:  # a full Redis refuses MULTI's commands, not state.lua's
+            return (await self._read_all())[-limit:]
+        if exists:
+            if raw or not int(counted or 0):
+                return _items([decode_record(r) for r in raw])[-limit:]
+        elif not raw:
             return self._missing()
-        return _items([decode_record(r) for r in raw])[-limit:]
+        # Messages without their meta, or a meta counting messages with no list: evicted
+        # keys (or, for the former, the end of a TTL). state.lua decides, as for every read.
+        return (await self._read_all())[-limit:]
+
+    async def _read_all(self) -> list[TResponseInputItem]:
+        """Every item, from the store's authoritative read (``lua/state.lua``)."""
+        try:
+            records = await self.store.get_messages(self.session_id)
+        except SessionNotFoundError:
+            return self._missing()
+        return _items(records)
 
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Append ``items`` atomically, in one round trip (all or none)."""
