@@ -571,11 +571,15 @@ async def test_a_session_whose_meta_was_evicted_is_reported_not_called_missing(
         store.create_session("s", system="A new conversation.")
     with named:
         store.create_session("s", system="A new conversation.", exist_ok=True)
+    with named:  # neither there nor gone
+        store.exists("s")
     async with AsyncConversationStore.from_url(
         redis_url, token_limit=3000, encoding=ENC, prefix=prefix, shards=SHARDS
     ) as astore:
         with named:
             await astore.get_context("s")
+        with named:
+            await astore.exists("s")
     assert [json.loads(raw)["id"] for raw in r.lrange(keys.msgs, 1, -1)] == [m["id"] for m in sent]
     assert not r.exists(keys.meta)
     store.delete_session("s")
@@ -620,6 +624,7 @@ def test_messages_about_to_expire_without_meta_are_no_session(
     keys = store.schema.session("s")
     r.delete(keys.meta)
     r.pexpire(keys.msgs, 900)
+    assert not store.exists("s")
     with pytest.raises(SessionNotFoundError):
         store.get_context("s")
     with pytest.raises(SessionNotFoundError):

@@ -694,6 +694,11 @@ def test_append_and_reads_of_a_partly_evicted_session_are_cs_corrupt(
         for read in (store.get_context, store.get_messages, store.get_state):
             with pytest.raises(SessionCorruptedError, match=re.escape(key)):
                 read("s1")
+    if lost == "meta":  # neither there nor gone
+        with pytest.raises(SessionCorruptedError, match=re.escape(key)):
+            store.exists("s1")
+    else:
+        assert store.exists("s1")
     assert snapshot(client, store, "s1") == before
 
 

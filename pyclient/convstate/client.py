@@ -36,6 +36,7 @@ from convstate.errors import (
     ConfigurationError,
     ConvstateError,
     MemoryFullError,
+    SessionNotFoundError,
     from_script_error,
 )
 from convstate.keys import DEFAULT_SHARDS, KeySchema
@@ -710,12 +711,26 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         return await self._run(self.ops.delete(session_id))
 
     async def exists(self, session_id: str) -> bool:
-        """Whether the session exists."""
+        """Whether the session exists. One round trip (its meta and its list).
+
+        Raises :class:`~convstate.errors.SessionCorruptedError` when the session's meta is
+        gone but its messages survive (evicted: see ``maxmemory-policy``): such a session is
+        neither there nor gone, and creating it again would be refused."""
+        keys = self.ops.session_keys(session_id)
         try:
-            async with self.client() as client:
-                return bool(await client.exists(self.ops.session_keys(session_id).meta))
+            async with self.client() as client, client.pipeline(transaction=False) as pipe:
+                pipe.exists(keys.meta)
+                pipe.exists(keys.msgs)
+                meta, msgs = await pipe.execute()
         except AuthenticationError as exc:
             raise auth_error(str(exc)) from None
+        if meta or not msgs:
+            return bool(meta)
+        try:  # messages without meta: evicted, or a TTL's end; state.lua tells which
+            await self.get_state(session_id)
+        except SessionNotFoundError:
+            return False
+        return True  # (created again in between)
 
     async def get_history(self, session_id: str) -> list[dict[str, Any]]:
         """The whole history, oldest first: the system message(s), the originals that
@@ -996,10 +1011,21 @@ class ConversationStore(_StoreBase["redis.Redis"]):
 
     def exists(self, session_id: str) -> bool:
         """See :meth:`AsyncConversationStore.exists`."""
+        keys = self.ops.session_keys(session_id)
         try:
-            return bool(self.redis.exists(self.ops.session_keys(session_id).meta))
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(keys.meta)
+                pipe.exists(keys.msgs)
+                meta, msgs = pipe.execute()
         except AuthenticationError as exc:
             raise auth_error(str(exc)) from None
+        if meta or not msgs:
+            return bool(meta)
+        try:  # messages without meta: evicted, or a TTL's end; state.lua tells which
+            self.get_state(session_id)
+        except SessionNotFoundError:
+            return False
+        return True  # (created again in between)
 
     def get_history(self, session_id: str) -> list[dict[str, Any]]:
         """See :meth:`AsyncConversationStore.get_history`."""
