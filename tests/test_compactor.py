@@ -1716,6 +1716,53 @@ async def test_giant_message_session_is_folded_once_messages_follow_it(
     assert int(meta["token_count"]) < 200
 
 
+class VerboseSummarizer(FakeSummarizer):
+    """Answers with as many tokens as it may: longer than a fold of a few short turns."""
+
+    async def summarize(self, request: SummaryRequest) -> Summary:
+        await super().summarize(request)
+        words = ["Kyoto"] * request.max_tokens
+        while words and request.count_tokens(" ".join(words)) > request.max_tokens:
+            words.pop()
+        return Summary(" ".join(words), self.model)
+
+
+async def test_a_summary_not_shorter_than_what_it_folds_is_not_swapped_in(
+    ar: redis.asyncio.Redis, store: AsyncConversationStore, raw: RawScripts
+) -> None:
+    """A compaction never grows a session: a forced fold of a few short turns whose summary
+    comes back longer than the turns keeps the history as it was, leaves the session idle
+    with a re-flag margin, and ends ``uncompactable`` naming both sizes."""
+    sid = "no-gain"
+    await store.create_session(sid, system=SYSTEM, token_limit=1000)
+    for i in range(20):
+        assert not (await store.append(sid, chat_message(sid, i))).flagged
+    keys = store.schema.session(sid)
+    wake = store.schema.wake_channel
+    assert await raw("requeue", [keys.queue, keys.meta, keys.dead], sid, wake, "force") == 1
+    msgs_before, meta_before = await snapshot(ar, keys)
+    total = int(meta_before["token_count"])
+    summarizer = VerboseSummarizer()
+    compactor = make_compactor(ar, store, summarizer, policy=CompactionPolicy())
+
+    claim = await compactor.claim(sid)
+    assert claim is not None
+    outcome = await compactor.compact(claim)
+    assert len(summarizer.calls) == 1
+    folded = sum(int(m["tokens"]) for m in summarizer.calls[0].messages)
+    assert summarizer.calls[0].max_tokens > folded  # the summary may be longer than the fold
+    assert outcome.status == "uncompactable", outcome
+    assert outcome.note.startswith("no gain: the summary (")
+    assert (outcome.tokens_before, outcome.tokens_after) == (total, total)
+    msgs, meta = await snapshot(ar, keys)
+    assert msgs == msgs_before
+    assert meta["state"] == "idle"
+    assert meta["reflag_above"] == str(total + 100)
+    assert "force" not in meta
+    assert "lease" not in meta
+    await assert_not_scheduled(ar, keys)
+
+
 # -- the session changed under the compaction --------------------------------------------------
 
 

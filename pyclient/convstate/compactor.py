@@ -490,6 +490,19 @@ class Compactor:
                 note=str(exc),
             )
         summary_ms = (time.perf_counter() - started) * 1000
+        summary_tokens = self.count_text(summary[0])
+        replaced = plan.previous_summary_tokens + plan.folded_tokens
+        if summary_tokens >= replaced:
+            # A compaction never grows a session: e.g. a forced fold of a few short turns,
+            # or a model that answers longer than what it was given. History kept as it is.
+            regrow = max(1, math.floor(REFLAG_SHARE * int(meta.get("token_limit", 1))))
+            reason = (
+                f"no gain: the summary ({summary_tokens} tokens) is not shorter than what it "
+                f"would replace ({len(plan.folded)} message(s) and the previous summary, "
+                f"{replaced} tokens); history kept"
+            )
+            no_gain = Uncompactable(reason, "no_gain", regrow)
+            return await self._give_up(claim, no_gain, tokens_before)
         return await self._swap(claim, plan, summary, summary_ms, tokens_before)
 
     async def _give_up(self, claim: Claim, plan: Uncompactable, tokens: int) -> Outcome:

@@ -219,7 +219,8 @@ class Uncompactable:
 
     Attributes:
         reason: human-readable explanation, naming the numbers involved.
-        code: ``"too_few_messages"``, ``"fits_target"`` or ``"no_boundary"``.
+        code: ``"too_few_messages"``, ``"fits_target"`` or ``"no_boundary"`` (the planner's);
+            ``"no_gain"`` (the compactor's: a summary not shorter than what it replaces).
         grow_by: tokens the session should grow by before it is worth planning again (>= 1):
             for ``fits_target`` exactly what the body lacks to pass the tail budget, else
             :data:`REFLAG_SHARE` of the limit. The compactor stores it as the session's
