@@ -37,6 +37,8 @@
   Output:
     {"compacted", new token count, queued again (0/1)}
     {"lost"}     the lease token is not the caller's: nothing written
+                 (a retry of a swap that committed, known by meta.last_summary = ARGV[10],
+                 answers "compacted" with the session's current total and queued state)
     {"changed"}  the prefix is not the snapshot's (a delete or an outside rewrite)
     error "CS_BADARG ..."  malformed ARGV
     error "OOM ..."        (Redis) memory is full and this swap would grow the data
@@ -59,7 +61,13 @@ if #KEYS ~= 7 or not sid or sid == '' or not token or token == '' or not int(p, 
   return redis.error_reply('CS_BADARG swap: malformed arguments')
 end
 
-if redis.call('HGET', meta, 'lease') ~= token then
+local held = redis.call('HMGET', meta, 'lease', 'last_summary', 'token_count', 'state')
+if held[1] ~= token then
+  -- A retry of this very swap (its reply was lost, e.g. to a timeout while the server ran
+  -- it; the swap released the lease): report the compaction it made, not a lost lease.
+  if held[2] == ARGV[10] then
+    return {'compacted', tonumber(held[3]) or 0, held[4] == 'queued' and 1 or 0}
+  end
   return {'lost'}
 end
 local prefix = redis.call('LRANGE', msgs, 0, p - 1)
@@ -113,7 +121,7 @@ if redis.call('EXISTS', ids) == redis.call('EXISTS', idlog) then
 end
 redis.call('HSET', meta, 'token_count', token_count, 'message_count', message_count,
   'head_count', h, 'state', over and 'queued' or 'idle', 'attempts', 0, 'updated_at', now,
-  'compacted_at', now)
+  'compacted_at', now, 'last_summary', ARGV[10])
 if over then
   redis.call('HSET', meta, 'queued_at', now)
 end

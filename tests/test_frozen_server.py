@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import tempfile
 import threading
@@ -45,6 +46,7 @@ from convstate.compactor import SUMMARY_PREFIX, Compactor
 from convstate.daemon import Daemon, DaemonSettings
 from convstate.keys import KeySchema
 from convstate.planner import CompactionPlan
+from convstate.scripts import script_source
 from convstate.sdnotify import SdNotifier
 from convstate.summarizers import ExtractiveSummarizer, Summary, SummaryRequest
 from convstate.timeouts import (
@@ -671,6 +673,54 @@ async def test_a_claim_retried_across_a_freeze_returns_the_claim_it_made(
         assert meta[b"lease"].decode() == claim.token
         assert int(meta[b"lease_deadline"]) == claim.deadline_ms
         assert (await compactor.compact(claim)).status == "compacted"
+    finally:
+        store.close()
+        r.close()
+        await client.aclose()
+
+
+async def test_a_swap_retried_across_a_freeze_reports_the_compaction_it_made(
+    private_server: RedisServer,
+) -> None:
+    """The swap's first attempt times out on the frozen server, which runs it (and releases
+    the lease) once it is continued; redis-py's retry then finds the summary it swapped in
+    (meta ``last_summary``) and answers "compacted", not "lost": the outcome and the metrics
+    say what happened, and the history holds the summary once."""
+    prefix = "reswap"
+    url = private_server.url
+    store = ConversationStore.from_url(
+        url, token_limit=TOKEN_LIMIT, encoding=ENCODING, prefix=prefix, shards=SHARDS
+    )
+    sent = flag_session(store, "retried")
+    settings = daemon_settings(url, prefix)
+    client = redis.asyncio.from_url(
+        url, socket_timeout=0.2, retry=redis.asyncio.retry.Retry(ConstantBackoff(1.0), 3)
+    )
+    compactor = Compactor(
+        client,
+        KeySchema(prefix, SHARDS),
+        settings.counter(),
+        ExtractiveSummarizer(),
+        settings.compactor_config(),
+    )
+    r = private_server.client()
+    try:
+        claim = await compactor.claim("retried")
+        assert claim is not None
+        meta, plan = await compactor._prepare(claim)
+        assert isinstance(plan, CompactionPlan), plan
+        summary = (SUMMARY_PREFIX + "The user plans a trip to Kyoto.", "fake", "test")
+        r.script_load(script_source("swap"))  # as `convstate scripts load` does: so the
+        # frozen first attempt runs the swap when the server is continued
+        calls_before = r.info("commandstats")["cmdstat_evalsha"]["calls"]
+        with frozen(private_server, thaw_after=0.5):
+            outcome = await compactor._swap(claim, plan, summary, 0.0, int(meta["token_count"]))
+        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] - calls_before >= 2
+        assert outcome.status == "compacted", outcome
+        records = [json.loads(x) for x in r.lrange(claim.keys.msgs, 0, -1)]
+        assert [x.get("kind") for x in records].count("summary") == 1
+        assert r.hget(claim.keys.meta, "lease") is None
+        assert_compacted(store, r, prefix, "retried", sent)
     finally:
         store.close()
         r.close()
