@@ -53,7 +53,7 @@ def test_demo_on_a_private_server_checks_that_nothing_was_lost() -> None:
     assert summary["tokens_saved"] > 0
     assert summary["options"]["writers"] == 2
     sessions = summary["sessions"]
-    assert [s["session"] for s in sessions] == ["chat-1", "chat-2", "chat-3"]
+    assert [s["session_id"] for s in sessions] == ["chat-1", "chat-2", "chat-3"]
     assert {s["writer"] for s in sessions} == {0, 1}  # more than one process wrote
     assert sum(s["acknowledged"] for s in sessions) == summary["messages_appended"]
     assert all(s["token_count"] <= s["token_limit"] == 800 for s in sessions)

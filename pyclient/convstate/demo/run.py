@@ -415,7 +415,7 @@ class _DemoRun:
         }
         sessions = tuple(
             {
-                "session": sid,
+                "session_id": sid,
                 "topic": view.sessions[sid].topic,
                 "writer": view.sessions[sid].writer,
                 "acknowledged": view.sessions[sid].acked,
