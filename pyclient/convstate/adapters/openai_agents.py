@@ -3,16 +3,22 @@
 Needs ``openai-agents`` (``pip install 'convstate[agents]'``). It implements the SDK's
 ``Session`` protocol, so apps switch with one line, the ``session=`` argument::
 
+    import asyncio
+
     from agents import Agent, Runner
 
     from convstate import AsyncConversationStore
     from convstate.adapters.openai_agents import ConvstateSession
 
-    store = AsyncConversationStore.from_url("redis://localhost:6379/0",
-                                            token_limit=8_000, model="gpt-4o")
-    agent = Agent(name="Assistant", instructions="Reply very concisely.")
-    result = await Runner.run(agent, "Plan a trip to Kyoto.",
-                              session=ConvstateSession("chat-42", store))  # <- the one line
+    async def main() -> None:
+        store = AsyncConversationStore.from_url("redis://localhost:6379/0",
+                                                token_limit=8_000, model="gpt-4o")
+        agent = Agent(name="Assistant", instructions="Reply very concisely.")
+        result = await Runner.run(agent, "Plan a trip to Kyoto.",
+                                  session=ConvstateSession("chat-42", store))  # <- the one line
+        print(result.final_output)
+
+    asyncio.run(main())
 
 **How items are stored.** Each Responses-API input item becomes one convstate message: a chat
 view of the item, which convstate counts tokens on and which the compaction daemon plans and
