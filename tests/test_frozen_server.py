@@ -64,6 +64,7 @@ from tests.test_daemon import (
     SHARDS,
     TOKEN_LIMIT,
     NotifyListener,
+    Sent,
     assert_compacted,
     compacted,
     flag_session,
@@ -636,58 +637,14 @@ async def test_a_compaction_whose_lease_expired_in_a_freeze_is_fenced(
             await client.aclose()
 
 
-async def test_a_claim_retried_across_a_freeze_returns_the_claim_it_made(
-    private_server: RedisServer,
-) -> None:
-    """The claim's first attempt times out on the frozen server, which runs it once it is
-    continued; redis-py's retry (same lease token) then gets that claim back, instead of
-    "not claimable", which would strand the session under a lease nobody works on."""
-    prefix = "reclaim"
-    url = private_server.url
-    store = ConversationStore.from_url(
-        url, token_limit=TOKEN_LIMIT, encoding=ENCODING, prefix=prefix, shards=SHARDS
-    )
-    flag_session(store, "retried")
-    settings = daemon_settings(url, prefix)
-    client = redis.asyncio.from_url(
-        url, socket_timeout=0.2, retry=redis.asyncio.retry.Retry(ConstantBackoff(1.0), 3)
-    )
-    compactor = Compactor(
-        client,
-        KeySchema(prefix, SHARDS),
-        settings.counter(),
-        ExtractiveSummarizer(),
-        settings.compactor_config(),
-    )
-    r = private_server.client()
-    try:
-        await compactor.peek(0)  # a connection, and the claim script loaded beforehand
-        assert await compactor.claim("not-queued") is None
-        started = time.monotonic()
-        with frozen(private_server, thaw_after=0.5):
-            claim = await compactor.claim("retried")
-        assert time.monotonic() - started >= 0.5  # the first attempt was cut off
-        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] >= 4  # it ran, then the retry
-        assert claim is not None, "the retry did not recognise its own claim"
-        meta = r.hgetall(claim.keys.meta)
-        assert meta[b"lease"].decode() == claim.token
-        assert int(meta[b"lease_deadline"]) == claim.deadline_ms
-        assert (await compactor.compact(claim)).status == "compacted"
-    finally:
-        store.close()
-        r.close()
-        await client.aclose()
-
-
-async def test_a_swap_retried_across_a_freeze_reports_the_compaction_it_made(
-    private_server: RedisServer,
-) -> None:
-    """The swap's first attempt times out on the frozen server, which runs it (and releases
-    the lease) once it is continued; redis-py's retry then finds the summary it swapped in
-    (meta ``last_summary``) and answers "compacted", not "lost": the outcome and the metrics
-    say what happened, and the history holds the summary once."""
-    prefix = "reswap"
-    url = private_server.url
+@contextlib.asynccontextmanager
+async def retrying_compactor(
+    server: RedisServer, prefix: str
+) -> AsyncIterator[tuple[Compactor, redis.Redis, ConversationStore, list[Sent]]]:
+    """A compactor whose client times out after 0.2 s and retries (redis-py, 1 s apart), a
+    plain client to the server, and a store holding session "retried", flagged, with the
+    messages sent to it."""
+    url = server.url
     store = ConversationStore.from_url(
         url, token_limit=TOKEN_LIMIT, encoding=ENCODING, prefix=prefix, shards=SHARDS
     )
@@ -703,8 +660,44 @@ async def test_a_swap_retried_across_a_freeze_reports_the_compaction_it_made(
         ExtractiveSummarizer(),
         settings.compactor_config(),
     )
-    r = private_server.client()
+    r = server.client()
     try:
+        yield compactor, r, store, sent
+    finally:
+        store.close()
+        r.close()
+        await client.aclose()
+
+
+async def test_a_claim_retried_across_a_freeze_returns_the_claim_it_made(
+    private_server: RedisServer,
+) -> None:
+    """The claim's first attempt times out on the frozen server, which runs it once it is
+    continued; redis-py's retry (same lease token) then gets that claim back, instead of
+    "not claimable", which would strand the session under a lease nobody works on."""
+    async with retrying_compactor(private_server, "reclaim") as (compactor, r, _, _):
+        await compactor.peek(0)  # a connection, and the claim script loaded beforehand
+        assert await compactor.claim("not-queued") is None
+        started = time.monotonic()
+        with frozen(private_server, thaw_after=0.5):
+            claim = await compactor.claim("retried")
+        assert time.monotonic() - started >= 0.5  # the first attempt was cut off
+        assert r.info("commandstats")["cmdstat_evalsha"]["calls"] >= 4  # it ran, then the retry
+        assert claim is not None, "the retry did not recognise its own claim"
+        meta = r.hgetall(claim.keys.meta)
+        assert meta[b"lease"].decode() == claim.token
+        assert int(meta[b"lease_deadline"]) == claim.deadline_ms
+        assert (await compactor.compact(claim)).status == "compacted"
+
+
+async def test_a_swap_retried_across_a_freeze_reports_the_compaction_it_made(
+    private_server: RedisServer,
+) -> None:
+    """The swap's first attempt times out on the frozen server, which runs it (and releases
+    the lease) once it is continued; redis-py's retry then finds the summary it swapped in
+    (meta ``last_summary``) and answers "compacted", not "lost": the outcome and the metrics
+    say what happened, and the history holds the summary once."""
+    async with retrying_compactor(private_server, "reswap") as (compactor, r, store, sent):
         claim = await compactor.claim("retried")
         assert claim is not None
         meta, plan = await compactor._prepare(claim)
@@ -720,11 +713,7 @@ async def test_a_swap_retried_across_a_freeze_reports_the_compaction_it_made(
         records = [json.loads(x) for x in r.lrange(claim.keys.msgs, 0, -1)]
         assert [x.get("kind") for x in records].count("summary") == 1
         assert r.hget(claim.keys.meta, "lease") is None
-        assert_compacted(store, r, prefix, "retried", sent)
-    finally:
-        store.close()
-        r.close()
-        await client.aclose()
+        assert_compacted(store, r, "reswap", "retried", sent)
 
 
 # -- the operator commands ---------------------------------------------------------------------
