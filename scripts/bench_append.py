@@ -32,9 +32,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import importlib.metadata
-import json
-import platform
 import pstats
 import statistics
 import sys
@@ -49,9 +46,10 @@ sys.path.insert(0, str(REPO_ROOT / "pyclient"))  # measure this checkout's convs
 sys.path.insert(0, str(REPO_ROOT))  # for tests.servers
 
 import redis  # noqa: E402
-from redis.utils import HIREDIS_AVAILABLE  # noqa: E402
 from tests.servers import ENGINES, RedisServer, default_engine  # noqa: E402
 
+from bench.common import cmdstats, finish, percentile, verdict  # noqa: E402
+from bench.environment import check_environment, version  # noqa: E402
 from convstate import ConversationStore  # noqa: E402
 from convstate.scripts import script_source  # noqa: E402
 from convstate.tokens import TiktokenCounter  # noqa: E402
@@ -100,17 +98,9 @@ return {total, 0}
 # -- statistics --------------------------------------------------------------------------------
 
 
-def percentile(sorted_ns: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile of sorted nanosecond samples, in microseconds."""
-    if not sorted_ns:
-        return float("nan")
-    index = min(len(sorted_ns) - 1, max(0, round(q * (len(sorted_ns) - 1))))
-    return sorted_ns[index] / 1000.0
-
-
 @dataclass
 class Series:
-    """Per-operation latencies of one variant, kept per round."""
+    """Per-operation latencies of one variant (ns), kept per round; figures in microseconds."""
 
     label: str
     rounds: list[list[int]] = field(default_factory=list)
@@ -123,7 +113,7 @@ class Series:
         return self.rounds[-1]
 
     def per_round(self, q: float) -> list[float]:
-        return [percentile(sorted(r), q) for r in self.rounds if r]
+        return [percentile(r, q) / 1000.0 for r in self.rounds if r]
 
     def per_round_mean(self) -> list[float]:
         return [sum(r) / len(r) / 1000.0 for r in self.rounds if r]
@@ -235,10 +225,6 @@ class Settings:
 
 def fmt_us(value: float) -> str:
     return f"{value:9.1f}"
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 class Bench:
@@ -555,11 +541,9 @@ class Bench:
             watcher.close()
         reads = int(info["total_reads_processed"]) - 1
         executed = {
-            key[len("cmdstat_") :]: int(value["calls"])
-            for key, value in info.items()
-            if key.startswith("cmdstat_")
-            and isinstance(value, dict)
-            and not key.startswith(("cmdstat_info", "cmdstat_config"))
+            name: calls
+            for name, calls in cmdstats(info).items()
+            if not name.startswith(("info", "config"))
         }
         return {
             "ops": ops,
@@ -677,45 +661,20 @@ def reachability(anchor_ratio: float, vs_anchor: float) -> str:
     )
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment(server: RedisServer) -> dict[str, Any]:
+def connection_kind(server: RedisServer) -> dict[str, Any]:
+    """The reply parser (hiredis or not) and the RESP protocol of a client's connection."""
     client = server.client()
     try:
-        info = client.info("server")
         conn = client.connection_pool.get_connection()
         try:
-            parser = type(getattr(conn, "_parser", None)).__name__
-            protocol = getattr(conn, "protocol", None)
+            return {
+                "parser": type(getattr(conn, "_parser", None)).__name__,
+                "protocol": getattr(conn, "protocol", None),
+            }
         finally:
             client.connection_pool.release(conn)
     finally:
         client.close()
-    kind = "valkey" if "valkey_version" in info else "redis"
-    return {
-        "engine": server.engine,
-        "server": f"{kind} {info.get('valkey_version') or info.get('redis_version')}",
-        "server_binary": server.binary,
-        "server_port": server.port,
-        "python": platform.python_version(),
-        "python_impl": platform.python_implementation(),
-        "redis_py": redis.__version__,
-        "hiredis": HIREDIS_AVAILABLE,
-        "hiredis_version": _version("hiredis"),
-        "parser": parser,
-        "protocol": protocol,
-        "tiktoken": _version("tiktoken"),
-        "platform": platform.platform(),
-    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -762,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.perf_counter()
     with RedisServer(args.engine or default_engine()) as server:
-        env = environment(server)
+        env = check_environment(server, **connection_kind(server), tiktoken=version("tiktoken"))
         print("convstate append benchmark")
         print(
             f"  engine: {env['server']} ({env['engine']}, {env['server_binary']}, "
@@ -790,23 +749,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.profile(args.profile)
         finally:
             bench.admin.close()
-    elapsed = time.perf_counter() - started
-    failed = [name for name, ok in bench.passed.items() if not ok]
-    print(
-        f"\nsummary: {len(bench.passed) - len(failed)}/{len(bench.passed)} targets met"
-        f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; {elapsed:.1f} s"
+    return finish(
+        env=env,
+        settings=vars(settings),
+        results=bench.results,
+        passed=bench.passed,
+        elapsed=time.perf_counter() - started,
+        as_json=args.json,
+        strict=args.strict,
     )
-    if args.json:
-        doc = {
-            "environment": env,
-            "settings": vars(settings),
-            **bench.results,
-            "passed": bench.passed,
-            "all_passed": not failed,
-            "elapsed_s": round(elapsed, 2),
-        }
-        print(json.dumps(doc, indent=2))
-    return 1 if (args.strict and failed) else 0
 
 
 if __name__ == "__main__":

@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -53,8 +50,9 @@ sys.path.insert(0, str(REPO_ROOT / "pyclient"))  # measure this checkout's convs
 
 import redis  # noqa: E402
 import redis.asyncio  # noqa: E402
-from redis.utils import HIREDIS_AVAILABLE  # noqa: E402
 
+from bench.common import as_text, cmdstats, finish, percentile, verdict  # noqa: E402
+from bench.environment import check_environment, version  # noqa: E402
 from bench.fake_summarizer import SLEEP_S, SleepSummarizer  # noqa: E402
 from convstate import AsyncConversationStore, ConversationStore  # noqa: E402
 from convstate.daemon import Daemon, DaemonSettings  # noqa: E402
@@ -98,22 +96,6 @@ def make_text(rng: random.Random) -> str:
 def make_history(rng: random.Random, count: int) -> list[dict[str, Any]]:
     roles = ("user", "assistant")
     return [{"role": roles[i % 2], "content": make_text(rng)} for i in range(count)]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def outcomes(daemon: Daemon) -> dict[str, int]:
@@ -166,14 +148,6 @@ class Monitor:
         admin.echo(MONITOR_SENTINEL)
         self._thread.join(30)
         self._client.close()
-
-
-def cmdstats(info: dict[str, Any]) -> dict[str, int]:
-    return {
-        key[len("cmdstat_") :]: int(value["calls"])
-        for key, value in info.items()
-        if key.startswith("cmdstat_") and isinstance(value, dict)
-    }
 
 
 def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +289,7 @@ class Bench:
         compacted = sum(1 for m in metas if m[0] is not None and int(m[0]) >= 1)
         states: dict[str, int] = {}
         for m in metas:
-            states[_text(m[1])] = states.get(_text(m[1]), 0) + 1
+            states[as_text(m[1])] = states.get(as_text(m[1]), 0) + 1
         after_tokens = [int(m[2]) for m in metas if m[2] is not None]
         # claim (server TIME) -> swap (the daemon's clock): one compaction's wall time
         cycle = [float(int(m[4]) - int(m[3])) for m in metas if m[3] and m[4]]
@@ -678,37 +652,6 @@ def concurrency_note(s: Settings) -> str:
     return f"{s.concurrency} workers / {SLEEP_S:g} s"
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment(server: RedisServer) -> dict[str, Any]:
-    client = server.client()
-    try:
-        info = client.info("server")
-    finally:
-        client.close()
-    kind = "valkey" if "valkey_version" in info else "redis"
-    return {
-        "engine": server.engine,
-        "server": f"{kind} {info.get('valkey_version') or info.get('redis_version')}",
-        "server_binary": server.binary,
-        "server_port": server.port,
-        "python": platform.python_version(),
-        "python_impl": platform.python_implementation(),
-        "redis_py": redis.__version__,
-        "hiredis": HIREDIS_AVAILABLE,
-        "hiredis_version": _version("hiredis"),
-        "tiktoken": _version("tiktoken"),
-        "prometheus_client": _version("prometheus-client"),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
@@ -750,7 +693,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.perf_counter()
     with RedisServer(args.engine or default_engine()) as server:
-        env = environment(server)
+        env = check_environment(
+            server,
+            tiktoken=version("tiktoken"),
+            prometheus_client=version("prometheus-client"),
+            cpus=os.cpu_count(),
+        )
         print("convstate compaction daemon benchmark")
         print(
             f"  engine: {env['server']} ({env['engine']}, {env['server_binary']}, "
@@ -776,23 +724,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(run(bench))
         finally:
             bench.admin.close()
-    elapsed = time.perf_counter() - started
-    failed = [name for name, ok in bench.passed.items() if not ok]
-    print(
-        f"\nsummary: {len(bench.passed) - len(failed)}/{len(bench.passed)} targets met"
-        f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; {elapsed:.1f} s"
+    return finish(
+        env=env,
+        settings=asdict(settings),
+        results=bench.results,
+        passed=bench.passed,
+        elapsed=time.perf_counter() - started,
+        as_json=args.json,
+        strict=args.strict,
     )
-    if args.json:
-        doc = {
-            "environment": env,
-            "settings": asdict(settings),
-            **bench.results,
-            "passed": bench.passed,
-            "all_passed": not failed,
-            "elapsed_s": round(elapsed, 2),
-        }
-        print(json.dumps(doc, indent=2))
-    return 1 if (args.strict and failed) else 0
 
 
 if __name__ == "__main__":

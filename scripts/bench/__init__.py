@@ -25,6 +25,9 @@ figures are medians over ``--runs`` runs:
 The package holds one module per measurement (its timing and its report section), the
 shared parts (``core``, ``timing``, ``data``, ``peers``, ``report``, ``environment``) and
 ``fake_summarizer`` (the fixed-latency summarizer ``scripts/bench_compaction.py`` uses too).
+``common`` and ``environment`` hold the one copy of the helpers the quick checks
+``scripts/bench_append.py`` and ``scripts/bench_compaction.py`` share with it (percentile,
+PASS/FAIL, versions, the server's name, the summary and ``--json`` a check ends with).
 
 It writes ``--out`` (default docs/benchmarks.md) and its plots (``img/*.png`` beside it).
 

@@ -45,7 +45,6 @@ ANCHOR_RATIO = {
 ANCHOR_LLAMA_S = {1_000: 4.76, 5_000: 134.6}
 
 Series = ba.Series
-percentile = ba.percentile
 
 
 def chat(i: int, text: str = TEXT) -> dict[str, Any]:

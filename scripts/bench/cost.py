@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import bench_append as ba
+from bench.common import cmdstats
 from bench.core import NO_FLAG_LIMIT, SYSTEM, TEXT, TURN_BUDGET
 from bench.data import conv_pairs, prefill
 from bench.report import n, table, x
@@ -119,11 +120,9 @@ class CostMeasure:
                     op()
                 stats = admin.info("commandstats")
                 usec[label].append(float(stats[f"cmdstat_{command}"]["usec_per_call"]))
-                for key, value in stats.items():
-                    name = key[len("cmdstat_") :]
-                    if name in (command, "info", "config", "copy") or not isinstance(value, dict):
-                        continue
-                    inside[label].setdefault(name, []).append(int(value["calls"]) / n)
+                for name, calls in cmdstats(stats).items():
+                    if name not in (command, "info", "config", "copy"):
+                        inside[label].setdefault(name, []).append(calls / n)
         results: dict[str, dict[str, Any]] = {
             label: {
                 "usec_per_call": med(usec[label]),

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio
 
-from bench.core import Series, percentile
+from bench.common import percentile
+from bench.core import Series
 
 # -- running -------------------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ def run_round(
 def ratio_rounds(num: Series, den: Series, q: float = 0.5) -> float:
     """Median over the runs of num/den percentiles taken within each run (paired)."""
     pairs = [
-        percentile(sorted(a), q) / percentile(sorted(b), q)
+        percentile(a, q) / percentile(b, q)
         for a, b in zip(num.rounds, den.rounds, strict=False)
         if a and b
     ]
