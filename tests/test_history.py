@@ -126,7 +126,12 @@ async def test_compact_force_folds_a_session_that_fits_its_target(
 ) -> None:
     sid = "fits"
     await astore.create_session(sid, system="S")
-    for i in range(3):
+    # The first turn carries small talk a summary leaves out, so folding it gains tokens (a
+    # summary no shorter than what it replaces is never swapped in).
+    chatty = message(0)
+    chatty["content"] += ". Thanks, that sounds good. Ok, great, thank you so much!" * 3
+    await astore.append(sid, chatty)
+    for i in range(1, 3):
         await astore.append(sid, message(i))
     state = await astore.get_state(sid)
     assert state.meta.token_count <= LIMIT // 2  # fits the target: nothing to fold

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ from convstate.errors import (
     SessionNotFoundError,
 )
 from convstate.operations import DEFAULT_ID_WINDOW
-from convstate.planner import CompactionPolicy, Uncompactable, plan_compaction
+from convstate.planner import REFLAG_SHARE, CompactionPolicy, Uncompactable, plan_compaction
 from convstate.summarizers import Summary, SummaryRequest
 from tests.servers import RedisServer
 
@@ -669,10 +670,18 @@ class SessionMachine(RuleBasedStateMachine):
             model.state = "idle"
             model.reflag_above = model.tokens + plan.grow_by
             return
+        content = SUMMARY_PREFIX + summary_text(len(plan.folded), plan.previous_summary is not None)
+        summary_tokens = COUNTER.count_message({"role": "system", "content": content})
+        if summary_tokens >= plan.previous_summary_tokens + plan.folded_tokens:
+            # A compaction never grows a session: no gain, history kept.
+            assert outcome.status == "uncompactable", outcome
+            assert outcome.note.startswith("no gain"), outcome
+            model.state = "idle"
+            model.reflag_above = model.tokens + max(1, math.floor(REFLAG_SHARE * model.limit))
+            return
         assert outcome.status == "compacted", outcome
         head = model.records[: model.head_count]
         system = [r for r in head if r.kind != "summary"]
-        content = SUMMARY_PREFIX + summary_text(len(plan.folded), plan.previous_summary is not None)
         stored = self.r.lindex(claim.keys.msgs, len(system))
         assert stored is not None
         summary_id = json.loads(stored)["id"]
