@@ -210,6 +210,42 @@ def test_every_module_imports_in_any_order() -> None:
     assert proc.stdout.strip() == str(len(orders))
 
 
+#: The soak harness (tests/reliability/soak), its modules lowest first.
+SOAK = PACKAGE.parent.parent / "tests" / "reliability" / "soak"
+SOAK_LAYERS = (
+    *("config", "writers", "ledger", "invariants", "daemons"),
+    *("monitor", "result", "faults", "run"),
+)
+
+
+def _runtime_imports(path: Path, package: str) -> set[str]:
+    """What ``path`` imports when it runs: imports under ``if TYPE_CHECKING:`` (names for
+    annotations only) are left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree.body = [
+        node
+        for node in tree.body
+        if not (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Name)
+            and node.test.id == "TYPE_CHECKING"
+        )
+    ]
+    return _imports_of(ast.unparse(tree), package)
+
+
+def test_the_soak_harness_layers_point_down() -> None:
+    """Each module of the soak harness imports only the modules below it (so none is part of
+    a cycle, whatever is imported first); the package re-exports them all."""
+    package = "tests.reliability.soak"
+    assert sorted(p.stem for p in SOAK.glob("*.py")) == sorted([*SOAK_LAYERS, "__init__"])
+    for i, name in enumerate(SOAK_LAYERS):
+        imported = _runtime_imports(SOAK / f"{name}.py", package)
+        reached = {m for m in SOAK_LAYERS if _reaches(imported, f"{package}.{m}")}
+        assert reached <= set(SOAK_LAYERS[:i]), f"{name} imports {sorted(reached)}"
+        assert package not in imported, f"{name} imports the package (its __init__)"
+
+
 SCRIPTS = PACKAGE.parent.parent / "scripts"
 
 
