@@ -340,7 +340,8 @@ def render(
         f"| re-sends of acknowledged messages | {stats['resend_deduplicated']} deduplicated, "
         f"{stats['resend_stored']} stored |",
         f"| appends acknowledged after a retry | {stats['acked_after_retry']} "
-        f"({stats['retry_deduplicated']} found their message already stored by the attempt "
+        f"({stats['client_resent']} sent again by the client itself after a lost reply; "
+        f"{stats['retry_deduplicated']} found their message already stored by the attempt "
         f"that had failed) |",
         f"| transient errors retried by writers | "
         f"{', '.join(f'{k} {v}' for k, v in sorted(transient.items())) or 'none'} |",

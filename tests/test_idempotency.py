@@ -412,12 +412,15 @@ FROZEN_SOCKET_TIMEOUT = 0.2
 FROZEN_BACKOFF = 1.0
 
 
-def frozen_across_first_attempt(server: RedisServer, call: Callable[[], Any]) -> tuple[Any, float]:
+def frozen_across_first_attempt(
+    server: RedisServer, call: Callable[[], Any], thaw_after: float = FREEZE_SECONDS
+) -> tuple[Any, float]:
     """Run ``call`` with the server stopped (SIGSTOP) and continued (SIGCONT) after
-    FREEZE_SECONDS: the client's first attempt times out, the server then runs it, and the
-    client's retry (after FROZEN_BACKOFF) meets its effect. Returns (result, seconds taken)."""
+    ``thaw_after`` seconds: the client's first attempt times out, the server then runs it, and
+    the client's retry (after FROZEN_BACKOFF) meets its effect. Returns (result, seconds
+    taken)."""
     started = time.monotonic()
-    with frozen(server, thaw_after=FREEZE_SECONDS):
+    with frozen(server, thaw_after=thaw_after):
         result = call()
     return result, time.monotonic() - started
 
@@ -539,3 +542,104 @@ def test_a_retried_delete_deletes_nothing_created_since(
     assert store.exists("again")  # ...and leaves the new session alone
     tombstone = store.schema.session("again").deleted
     assert 0 < r.pttl(tombstone) <= 60_000
+
+
+# -- an append the client itself sent again -------------------------------------------------------
+
+#: The socket timeout of the stores below. The server is frozen across the fast path's attempt
+#: and continued half a timeout after that attempt gave up, while the client's own second
+#: attempt (a new connection, whose handshake waits in the kernel) waits for its reply: the
+#: server runs the cut-off attempt first, then the second one finds the message stored.
+RESEND_TIMEOUT = 1.0
+RESEND_THAW = 1.5 * RESEND_TIMEOUT
+
+
+def _no_retry(server: RedisServer, prefix: str, cls: Any, retry: Any) -> Any:
+    """A store whose redis-py policy retries nothing (as the soak's writers' does): the only
+    resend of a call is the client's own, after its fast path lost the reply."""
+    return cls.from_url(
+        server.url,
+        token_limit=1000,
+        encoding=ENC,
+        prefix=prefix,
+        socket_timeout=RESEND_TIMEOUT,
+        retry=retry(ConstantBackoff(0.0), 0),
+    )
+
+
+def _say(i: int) -> dict[str, str]:
+    return {"role": "user", "content": f"Please book table {i} for two.", "id": f"say-{i}"}
+
+
+@pytest.mark.parametrize("call", ["append", "append_many", "append_and_get_context"])
+def test_an_append_the_client_sent_again_itself_says_so(
+    private_server: RedisServer, prefix: str, call: str
+) -> None:
+    """The fast path's attempt is cut off by the freeze and run by the server once it is
+    continued; the client's own second attempt then finds the message stored and answers
+    ``stored`` 0. ``resent`` tells the caller that this call may have stored it itself (its
+    lost attempt): without it, "I stored it" and "it was already there" look the same. A new
+    call that sends it again answers ``stored`` 0 and not ``resent``: it was already there."""
+    store = _no_retry(private_server, prefix, ConversationStore, redis.retry.Retry)
+    r = private_server.client()
+
+    def send(message: dict[str, str]) -> Any:
+        if call == "append":
+            return store.append("s", message)
+        if call == "append_many":
+            return store.append_many("s", [message])
+        return store.append_and_get_context("s", message).appended
+
+    try:
+        # Before the freeze: the shard check, a connection, the append script loaded.
+        store.create_session("s")
+        first = send(_say(0))
+        assert (first.stored, first.resent) == (1, False)
+        calls = evalsha_calls(r)
+        result, took = frozen_across_first_attempt(
+            private_server, lambda: send(_say(1)), RESEND_THAW
+        )
+        assert took >= RESEND_TIMEOUT  # the first attempt really was cut off
+        assert evalsha_calls(r) == calls + 2  # it ran, then the client's own second attempt
+        assert (result.stored, result.duplicates, result.resent) == (0, 1, True)
+        assert [m["id"] for m in store.get_messages("s")] == ["say-0", "say-1"]  # once
+        again = send(_say(1))
+        assert (again.stored, again.resent) == (0, False)
+    finally:
+        r.close()
+        store.close()
+
+
+@pytest.mark.parametrize("call", ["append", "append_and_get_context"])
+def test_an_async_append_the_client_sent_again_itself_says_so(
+    private_server: RedisServer, prefix: str, call: str
+) -> None:
+    store = _no_retry(private_server, prefix, AsyncConversationStore, redis.asyncio.retry.Retry)
+    r = private_server.client()
+    loop = asyncio.new_event_loop()
+
+    def send(message: dict[str, str]) -> Any:
+        if call == "append":
+            return loop.run_until_complete(store.append("s", message))
+        turn = loop.run_until_complete(store.append_and_get_context("s", message))
+        return turn.appended
+
+    try:
+        loop.run_until_complete(store.create_session("s"))
+        assert send(_say(0)).resent is False
+        calls = evalsha_calls(r)
+        result, took = frozen_across_first_attempt(
+            private_server, lambda: send(_say(1)), RESEND_THAW
+        )
+        assert took >= RESEND_TIMEOUT
+        assert evalsha_calls(r) == calls + 2
+        assert (result.stored, result.resent) == (0, True)
+        assert [m["id"] for m in loop.run_until_complete(store.get_messages("s"))] == [
+            "say-0",
+            "say-1",
+        ]
+        assert send(_say(1)).resent is False
+    finally:
+        r.close()
+        loop.run_until_complete(store.aclose())
+        loop.close()

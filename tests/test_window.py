@@ -124,7 +124,7 @@ def build(store: ConversationStore, r: redis.Redis, sid: str, h: dict[str, Any])
 
 def read_lua(store: ConversationStore, sid: str, budget: int) -> Any:
     op = store.ops.context_window(sid, budget)
-    return store._evalsha(op)
+    return store._evalsha(op)[0]  # (the reply; [1]: whether it was resent)
 
 
 @PROPERTY

@@ -66,8 +66,10 @@ from convstate.transport import (
     FastPathUnavailable,
     acommand,
     atransaction,
+    atransaction_resent,
     command,
     transaction,
+    transaction_resent,
 )
 from convstate.urls import auth_error, check_redis_url
 
@@ -117,6 +119,14 @@ def _make_counter(
             "pass either model= (its tiktoken encoding is used) or encoding=, not both"
         )
     return TiktokenCounter(model, encoding=encoding)
+
+
+def _with_resent(result: T, resent: bool) -> T:
+    """An :class:`AppendResult` marked ``resent`` when the client sent its script again after
+    an attempt whose reply was lost (see :attr:`AppendResult.resent`)."""
+    if resent and isinstance(result, AppendResult):
+        return dataclasses.replace(result, resent=True)
+    return result
 
 
 def _with_replicas(result: T, acked: Any) -> T:
@@ -506,13 +516,13 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
                 await self._check_config(client)
             if self.wait_replicas and op.script == "append":
                 return await self._append_and_wait(client, op)
-            reply = await self._evalsha(client, op)
+            reply, resent = await self._evalsha(client, op)
         except (ResponseError, AuthenticationError) as exc:
             typed = _typed(exc)
             if typed is None:
                 raise
             raise typed from None
-        return op.decode(reply)
+        return _with_resent(op.decode(reply), resent)
 
     async def _append_and_wait(self, client: redis.asyncio.Redis, op: Op[T]) -> T:
         """EVALSHA then WAIT, pipelined on one connection (WAIT counts that connection's
@@ -539,28 +549,30 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
                 raise reply
             return _with_replicas(op.decode(reply), acked)
 
-    async def _evalsha(self, client: redis.asyncio.Redis, op: Op[Any]) -> Any:
+    async def _evalsha(self, client: redis.asyncio.Redis, op: Op[Any]) -> tuple[Any, bool]:
         """Run ``op``'s script by its sha; see :meth:`ConversationStore._evalsha`."""
+        resent = False
         if not isinstance(client, redis.asyncio.RedisCluster):
             script = self._scripts[op.script]
             try:
                 reply = await acommand(
                     client, ("EVALSHA", script.sha, len(op.keys), *op.keys, *op.args)
                 )
-            except FastPathUnavailable:
-                pass
+            except FastPathUnavailable as exc:
+                resent = exc.sent
             else:
                 if not isinstance(reply, NoScriptError):
                     if isinstance(reply, ResponseError):
                         raise reply
-                    return reply
-        return await arun_script(
+                    return reply, False
+        reply = await arun_script(
             client,
             self._scripts[op.script],
             op.keys,
             op.args,
             cluster_retry_seconds=self.cluster_retry_timeout,
         )
+        return reply, resent
 
     async def create_session(
         self,
@@ -691,11 +703,13 @@ class AsyncConversationStore(_StoreBase["redis.asyncio.Redis"]):
         with _typed_errors():
             if not self._config_checked:
                 await self._check_config(client)
-            replies = await atransaction(client, turn.commands(script.sha))
+            replies, resent = await atransaction_resent(client, turn.commands(script.sha))
             while isinstance(replies[0], NoScriptError) and retries.may_reload():
                 script.sha = await client.script_load(script.script)
-                replies = await atransaction(client, turn.commands(script.sha))
-            return turn.decode(replies)
+                replies, again = await atransaction_resent(client, turn.commands(script.sha))
+                resent = resent or again
+            appended, messages = turn.decode(replies)
+            return _with_resent(appended, resent), messages
 
     async def update_context(
         self, session_id: str, mapping: Mapping[str, Any], *, replace: bool = False
@@ -847,13 +861,13 @@ class ConversationStore(_StoreBase["redis.Redis"]):
                 self._check_config()
             if self.wait_replicas and op.script == "append":
                 return self._append_and_wait(op)
-            reply = self._evalsha(op)
+            reply, resent = self._evalsha(op)
         except (ResponseError, AuthenticationError) as exc:
             typed = _typed(exc)
             if typed is None:
                 raise
             raise typed from None
-        return op.decode(reply)
+        return _with_resent(op.decode(reply), resent)
 
     def _append_and_wait(self, op: Op[T]) -> T:
         """EVALSHA then WAIT, pipelined on one connection (WAIT counts that connection's
@@ -892,7 +906,7 @@ class ConversationStore(_StoreBase["redis.Redis"]):
                 raise reply
             return _with_replicas(op.decode(reply), acked)
 
-    def _evalsha(self, op: Op[Any]) -> Any:
+    def _evalsha(self, op: Op[Any]) -> tuple[Any, bool]:
         """Run ``op``'s script: EVALSHA with the sha ``register_script`` computed
         (:func:`~convstate.scripts.run_script`): a NOSCRIPT reply is retried up to
         :data:`~convstate.scripts.NOSCRIPT_RELOADS` times, and on a cluster TRYAGAIN and
@@ -901,27 +915,32 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         first sent on a pooled connection without redis-py's per-command layers
         (:func:`convstate.transport.command`); a connection error or NOSCRIPT there takes this
         usual path instead.
+
+        Returns the reply, and whether the script was sent again after the fast path's
+        attempt went out and its reply was lost (the server may have run both).
         """
+        resent = False
         if not self._is_cluster:
             script = self._scripts[op.script]
             try:
                 reply = command(
                     self.redis, ("EVALSHA", script.sha, len(op.keys), *op.keys, *op.args)
                 )
-            except FastPathUnavailable:
-                pass
+            except FastPathUnavailable as exc:
+                resent = exc.sent
             else:
                 if not isinstance(reply, NoScriptError):
                     if isinstance(reply, ResponseError):
                         raise reply
-                    return reply
-        return run_script(
+                    return reply, False
+        reply = run_script(
             self.redis,
             self._scripts[op.script],
             op.keys,
             op.args,
             cluster_retry_seconds=self.cluster_retry_timeout,
         )
+        return reply, resent
 
     def create_session(
         self,
@@ -990,11 +1009,13 @@ class ConversationStore(_StoreBase["redis.Redis"]):
         with _typed_errors():
             if not self._config_checked:
                 self._check_config()
-            replies = transaction(self.redis, turn.commands(script.sha))
+            replies, resent = transaction_resent(self.redis, turn.commands(script.sha))
             while isinstance(replies[0], NoScriptError) and retries.may_reload():
                 script.sha = self.redis.script_load(script.script)
-                replies = transaction(self.redis, turn.commands(script.sha))
+                replies, again = transaction_resent(self.redis, turn.commands(script.sha))
+                resent = resent or again
             appended, messages = turn.decode(replies)
+            appended = _with_resent(appended, resent)
         if messages is None:
             messages = self._run(turn.read.fallback())
         return Turn(appended, messages)

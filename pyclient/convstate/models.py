@@ -33,6 +33,13 @@ class AppendResult:
         message_ids: the ids of the messages sent, in order (generated where absent).
         replicas: with ``wait_replicas``, how many replicas acknowledged the append within
             ``wait_timeout_ms`` (fewer than asked: a failover now could lose it); else None.
+        resent: the client sent this call again itself, because the reply of its first
+            attempt was lost after the call went out whole (a timeout, a dropped connection):
+            the server may have run that attempt too. ``stored`` counts what the attempt that
+            answered stored, so when the lost one had stored the messages they count as
+            already stored (``stored`` 0), although this call stored them. When False and the
+            ``retry`` policy retries nothing, ``stored`` 0 means they were stored before this
+            call (redis-py's own retries resend too, and are not seen here).
     """
 
     token_count: int
@@ -42,6 +49,7 @@ class AppendResult:
     state: str
     message_ids: tuple[str, ...]
     replicas: int | None = None
+    resent: bool = False
 
     @property
     def duplicates(self) -> int:

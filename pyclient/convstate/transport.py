@@ -11,7 +11,10 @@ health checks and the pool's limits all stay redis-py's.
 Any error of the connection itself (the server restarted mid-call, a timeout, a pool that has
 no connection to give) disconnects that connection and raises :class:`FastPathUnavailable`:
 the caller then runs the same commands through redis-py's own pipeline, which has its retry
-policy. A retried turn is still one write: an append is idempotent by message id.
+policy. A retried turn is still one write: an append is idempotent by message id. When the
+commands had been sent whole and their reply was lost (``FastPathUnavailable.sent``), the
+server may have run them: the second attempt then finds an append's messages stored, and the
+caller says so (``AppendResult.resent``).
 
 The first reply is read with ``read_response`` (which waits for the socket, with its timeout).
 The server answers the whole block at once, so the other replies are then nearly always in the
@@ -30,8 +33,8 @@ from typing import Any, NamedTuple
 import hiredis
 import redis
 import redis.asyncio
+from redis.exceptions import BusyLoadingError, ExecAbortError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ExecAbortError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 try:  # the sentinel redis-py's hiredis parsers give hiredis for "no complete reply yet"
@@ -46,7 +49,21 @@ _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class FastPathUnavailable(Exception):
-    """The raw MULTI could not be sent or read; nothing is known about whether it ran."""
+    """The raw command or MULTI could not be sent or read.
+
+    ``sent``: it was sent whole and its reply was lost (a timeout, a connection closed while
+    waiting), so the server may have run it; False when it was never sent whole, or the
+    server answered that it ran nothing (``LOADING``)."""
+
+    def __init__(self, message: str, *, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+def _lost(sent: bool, exc: BaseException) -> bool:
+    """Whether ``exc``, met after the commands were ``sent`` whole, may have lost the reply
+    of commands the server ran (a ``LOADING`` reply says it ran nothing)."""
+    return sent and not isinstance(exc, BusyLoadingError)
 
 
 def _single_connection(client: Any) -> bool:
@@ -143,12 +160,18 @@ async def acommand(client: redis.asyncio.Redis, cmd: Command) -> Any:
 def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """Run ``commands`` in one MULTI/EXEC on a pooled connection; EXEC's replies, with a
     command's error reply as an exception instance in its place (not raised)."""
+    return transaction_resent(client, commands)[0]
+
+
+def transaction_resent(client: redis.Redis, commands: Sequence[Command]) -> tuple[list[Any], bool]:
+    """:func:`transaction`'s replies, and whether the block was sent again through redis-py's
+    pipeline after the raw attempt's reply was lost (the server may have run both)."""
     if _single_connection(client):
-        return pipeline_transaction(client, commands)
+        return pipeline_transaction(client, commands), False
     try:
-        return _exec_reply(_raw(client, commands))
-    except FastPathUnavailable:
-        return pipeline_transaction(client, commands)
+        return _exec_reply(_raw(client, commands)), False
+    except FastPathUnavailable as exc:
+        return pipeline_transaction(client, commands), exc.sent
 
 
 def _raw(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
@@ -161,8 +184,10 @@ def _raw_send(client: redis.Redis, wire: list[Command]) -> list[Any]:
         conn: Any = pool.get_connection()
     except _CONNECTION_ERRORS as exc:
         raise FastPathUnavailable(str(exc)) from exc
+    sent = False
     try:
         conn.send_packed_command(_pack(conn, wire))
+        sent = True
         replies: list[Any] = []
         buffer = None
         while len(replies) < len(wire):
@@ -183,7 +208,7 @@ def _raw_send(client: redis.Redis, wire: list[Command]) -> list[Any]:
         return replies
     except _CONNECTION_ERRORS as exc:
         conn.disconnect()
-        raise FastPathUnavailable(str(exc)) from exc
+        raise FastPathUnavailable(str(exc), sent=_lost(sent, exc)) from exc
     except BaseException:
         conn.disconnect()  # replies may be left unread on it
         raise
@@ -202,12 +227,19 @@ def pipeline_transaction(client: redis.Redis, commands: Sequence[Command]) -> li
 
 async def atransaction(client: redis.asyncio.Redis, commands: Sequence[Command]) -> list[Any]:
     """:func:`transaction` for asyncio clients."""
+    return (await atransaction_resent(client, commands))[0]
+
+
+async def atransaction_resent(
+    client: redis.asyncio.Redis, commands: Sequence[Command]
+) -> tuple[list[Any], bool]:
+    """:func:`transaction_resent` for asyncio clients."""
     if _single_connection(client):
-        return await apipeline_transaction(client, commands)
+        return await apipeline_transaction(client, commands), False
     try:
-        return _exec_reply(await _araw(client, commands))
-    except FastPathUnavailable:
-        return await apipeline_transaction(client, commands)
+        return _exec_reply(await _araw(client, commands)), False
+    except FastPathUnavailable as exc:
+        return await apipeline_transaction(client, commands), exc.sent
 
 
 async def _araw(client: redis.asyncio.Redis, commands: Sequence[Command]) -> list[Any]:
@@ -220,8 +252,10 @@ async def _araw_send(client: redis.asyncio.Redis, wire: list[Command]) -> list[A
         conn: Any = await pool.get_connection()
     except _CONNECTION_ERRORS as exc:
         raise FastPathUnavailable(str(exc)) from exc
+    sent = False
     try:
         await conn.send_packed_command(_pack(conn, wire))
+        sent = True
         replies: list[Any] = []
         buffer = None
         while len(replies) < len(wire):
@@ -242,7 +276,7 @@ async def _araw_send(client: redis.asyncio.Redis, wire: list[Command]) -> list[A
         return replies
     except _CONNECTION_ERRORS as exc:
         await conn.disconnect(nowait=True)
-        raise FastPathUnavailable(str(exc)) from exc
+        raise FastPathUnavailable(str(exc), sent=_lost(sent, exc)) from exc
     except BaseException:
         await conn.disconnect(nowait=True)  # cancelled mid-read: replies may be left on it
         raise

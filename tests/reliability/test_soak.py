@@ -18,6 +18,7 @@ is kept and named in the assertion message.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -234,6 +235,39 @@ def test_the_checker_catches_each_kind_of_violation(redis_url: str, tmp_path: Pa
         assert report.counts[kind] == n, (kind, report.describe())
     assert report.counts["order"] >= 2, report.describe()  # sessions 3 and 8
     assert not report.ok
+
+
+def test_the_ledger_tells_the_clients_own_resend_from_a_partial_append(tmp_path: Path) -> None:
+    """Under load the client's fast path loses a reply (a 0.1 s socket timeout) of an append
+    the server ran, and sends it again itself: the writer's one try answers ``stored`` 0 with
+    ``resent``. That is a retry whose first attempt landed, not a fault; a first and only
+    attempt answering ``stored`` 0, and a batch stored in part (resent or not), still are."""
+
+    def ack(ids: list[str], stored: int, tries: int, **resent: bool) -> dict[str, Any]:
+        rec = {"k": "ack", "sid": "s", "op": "many", "ids": ids, "t": 1.0}
+        return {**rec, "stored": stored, "tries": tries, **resent}
+
+    records = [
+        ack(["w00-0000001"], 0, 1, resent=True),  # the flake: not a fault
+        ack(["w00-0000002"], 0, 2),  # the writer's retry met its first attempt's write
+        ack(["w00-0000003", "w00-0000004"], 2, 1, resent=True),  # the lost attempt ran not
+        ack(["w00-0000005"], 0, 1, resent=False),  # fresh ids already there: a fault
+        ack(["w00-0000006"], 0, 1),  # the same, logged without ``resent``
+        ack(["w00-0000007", "w00-0000008"], 1, 1, resent=True),  # in part: a fault
+        ack(["w00-0000009", "w00-0000010"], 1, 3),  # in part: a fault
+    ]
+    log = tmp_path / "writer-00.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ledger = read_ledger([log])
+    flagged = [a.split(": stored")[0] for a in ledger.ack_anomalies]
+    assert flagged == [
+        "writer 0 many ['w00-0000005']",
+        "writer 0 many ['w00-0000006']",
+        "writer 0 many ['w00-0000007', 'w00-0000008']",
+        "writer 0 many ['w00-0000009', 'w00-0000010']",
+    ], ledger.ack_anomalies
+    assert "(resent by the client)" in ledger.ack_anomalies[2]
+    assert (ledger.client_resent, ledger.acked_after_retry, ledger.retry_deduplicated) == (3, 5, 4)
 
 
 # -- failure modes the soak only hits by chance ----------------------------------------------

@@ -89,7 +89,10 @@ class SoakConfig:
         socket_timeout: the writers' socket timeout (short, so ``CLIENT PAUSE`` times them out).
         client_retries: redis-py's own retries of a failed command in the writers (0: every
             connection error and timeout reaches the writer's loop, which resends the same
-            message; redis-py's retry would resend the same EVALSHA, equally safe).
+            message, but for the one resend the client makes itself when its fast path lost
+            a reply, which it reports as ``AppendResult.resent``; redis-py's retry would
+            resend the same EVALSHA, equally safe, but unreported: a first try answering
+            ``stored`` 0 after one would count as a ``partial_append``).
         max_tries / give_up_after: a writer's bound on retrying one message.
         schedule: faults as (kind, offset as a fraction of ``duration``); empty: no faults.
         drain_timeout: seconds the daemons get to empty the queues after the writers stop.

@@ -130,7 +130,8 @@ def check_invariants(
       were rejected for do not exist;
     * **content**: every stored record has the role, content and tool fields that were sent;
     * **atomic appends**: every acknowledged call stored all its messages (or, a retry whose
-      failed attempt had landed, none of them);
+      failed attempt had landed, none of them: the writer's retry, or the client's own resend
+      after a lost reply, ``AppendResult.resent``);
     * **order**: each writer's ids occur in ``archive + body`` in the order it sent them
       (``archive`` is chronological and precedes ``body``);
     * **tool groups** are never split: every tool result follows its call in ``body``, or in

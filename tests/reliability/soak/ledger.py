@@ -47,7 +47,10 @@ class Ledger:
     resend_stored: int = 0
     resends: int = 0
     acked_calls: int = 0
+    #: Acknowledged calls that were retried: by the writer, or by the client itself.
     acked_after_retry: int = 0
+    #: Acknowledged calls the client sent again itself (``AppendResult.resent``).
+    client_resent: int = 0
     retry_deduplicated: int = 0
     stats: Counter[str] = field(default_factory=Counter)
     crashes: list[str] = field(default_factory=list)
@@ -83,14 +86,20 @@ def _ledger_add(ledger: Ledger, writer: int, rec: Mapping[str, Any]) -> None:
         ledger.ack_times[writer].append(float(rec["t"]))
         ledger.acked_calls += 1
         stored, sent = int(rec["stored"]), len(rec["ids"])
-        if rec["op"] != "resend" and stored != sent and (rec["tries"] == 1 or stored != 0):
-            # A first attempt finds its fresh ids already stored, or a retried batch was
-            # stored in part: either way not one atomic all-or-nothing append.
+        # Retried: the writer tried again, or the client sent the call again itself after its
+        # first attempt's reply was lost (``resent``; that attempt may have stored the ids).
+        resent = bool(rec.get("resent"))
+        retried = rec["tries"] > 1 or resent
+        if rec["op"] != "resend" and stored != sent and (not retried or stored != 0):
+            # A first and only attempt finds its fresh ids already stored, or a retried batch
+            # was stored in part: either way not one atomic all-or-nothing append.
             ledger.ack_anomalies.append(
                 f"writer {writer} {rec['op']} {rec['ids']}: stored {stored} of {sent} "
-                f"at try {rec['tries']}"
+                f"at try {rec['tries']}" + (" (resent by the client)" if resent else "")
             )
-        if rec["tries"] > 1:
+        if resent:
+            ledger.client_resent += 1
+        if retried:
             ledger.acked_after_retry += 1
             if rec["stored"] < len(rec["ids"]):
                 ledger.retry_deduplicated += 1

@@ -239,11 +239,14 @@ class Writer:
                 t=wall(),
                 stored=result.stored,
                 tries=tries,
+                resent=result.resent,
                 tokens=result.token_count,
             )
             self.stats["acked_calls"] += 1
             self.stats["acked_messages"] += len(ids)
-            if tries > 1:
+            if result.resent:
+                self.stats["client_resent"] += 1
+            if tries > 1 or result.resent:
                 self.stats["acked_after_retry"] += 1
                 if result.stored < len(ids):
                     self.stats["retry_deduplicated"] += 1
