@@ -80,8 +80,8 @@ INVARIANTS: tuple[tuple[str, str], ...] = (
     ("appended", "meta appended equals system messages + distinct stored ids"),
     (
         "ids_set",
-        "the id hash holds the idempotency window: HLEN = min(appended + epoch, id_window), "
-        "every id in it stored or a summary's",
+        "the id hash holds the idempotency window: HLEN = min(appended + epoch, id_window + "
+        "the summaries swapped in since the last append), every id in it stored or a summary's",
     ),
     (
         "state",

@@ -1028,6 +1028,16 @@ async def test_id_hash_stays_bounded_over_3000_appends_with_max_messages_10(
     assert sizes[1] < 20_000, sizes
     # The newest ids are the window: a retry of the last message is still dropped.
     assert (await store.append(sid, chat_message(sid, 2999))).stored == 0
+    # A swap adds its summary's id (the window + 1); the next append trims back to the window.
+    i = 3000
+    while not (await store.append(sid, chat_message(sid, i))).flagged:
+        i += 1
+    assert await ar.hlen(keys.ids) == DEFAULT_ID_WINDOW
+    await compact()
+    assert await ar.hlen(keys.ids) == await ar.llen(keys.idlog) == DEFAULT_ID_WINDOW + 1
+    assert (await ar.lindex(keys.idlog, -1)).startswith(b"sum-")
+    await store.append(sid, chat_message(sid, i + 1))
+    assert await ar.hlen(keys.ids) == await ar.llen(keys.idlog) == DEFAULT_ID_WINDOW
 
 
 @pytest.mark.parametrize("depth", [975, 20_000])

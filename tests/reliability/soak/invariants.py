@@ -254,12 +254,18 @@ def _check_session(
             f"{where}: meta appended {appended}, {system_count} system + {len(distinct)} stored",
         )
     # The id hash is bounded: the ids of the last DEFAULT_ID_WINDOW appended messages and
-    # summaries (the soak's batches are smaller than the window).
-    if len(ids_set) != min(appended + epoch, DEFAULT_ID_WINDOW):
+    # summaries (the soak's batches are smaller than the window), plus the summaries swapped
+    # in since the last append (a swap adds its summary's id; the next append trims).
+    idlog = list(snapshot.idlog or ())
+    swapped = len(idlog) - next(
+        (i + 1 for i in range(len(idlog) - 1, -1, -1) if not idlog[i].startswith("sum-")), 0
+    )
+    bound = min(appended + epoch, DEFAULT_ID_WINDOW + swapped)
+    if len(ids_set) != bound:
         report.add(
             "ids_set",
             f"{where}: HLEN ids {len(ids_set)} != min(appended {appended} + epoch {epoch}, "
-            f"{DEFAULT_ID_WINDOW})",
+            f"{DEFAULT_ID_WINDOW} + {swapped} summaries swapped in since the last append)",
         )
     everywhere = distinct | {str(r.get("id")) for r in records}  # the head's too
     for mid in ids_set - everywhere:
