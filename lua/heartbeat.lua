@@ -12,7 +12,7 @@
     ARGV[3] lease length (ms) from now (an integer in 1..2^53-1)
   Output:
     {1, new lease deadline (ms)}  extended
-    {0}  the lease was lost (expired and reaped, or taken over): stop, do not swap
+    {0}  the lease was lost (past its deadline, reaped, or taken over): stop, do not swap
     error "CS_BADARG ..."  malformed ARGV
 ]]
 local running, meta = KEYS[1], KEYS[2]
@@ -21,11 +21,18 @@ if not sid or sid == '' or not token or token == '' or not (lease_ms and lease_m
     and lease_ms <= 9007199254740991 and lease_ms % 1 == 0) then
   return redis.error_reply('CS_BADARG heartbeat: malformed arguments')
 end
-if redis.call('HGET', meta, 'lease') ~= token or not redis.call('ZSCORE', running, sid) then
+local score = redis.call('ZSCORE', running, sid)
+if redis.call('HGET', meta, 'lease') ~= token or not score then
   return {0}
 end
 local t = redis.call('TIME')
-local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + lease_ms
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- A lease past its deadline is lost even before a sweep reaps it: a late heartbeat (one a
+-- frozen server runs when continued, after its sender gave up) must not revive it.
+if tonumber(score) < now then
+  return {0}
+end
+local deadline = now + lease_ms
 redis.call('HDEL', meta, 'lease_deadline')  -- first write frees: see Flags above
 redis.call('ZADD', running, deadline, sid)
 redis.call('HSET', meta, 'lease_deadline', deadline)

@@ -410,8 +410,13 @@ async def test_heartbeat_extends_only_the_current_lease(
         with pytest.raises(ResponseError, match="CS_BADARG"):
             await raw("heartbeat", hb_keys, *bad)
 
-    # The lease expires and is reaped: the old holder's heartbeat is refused, resurrects nothing.
-    await ar.zadd(keys.running, {sid: 1}, xx=True)
+    # The lease runs out: a heartbeat that comes late (e.g. one a frozen server runs when it
+    # is continued, after its sender gave up) is refused before any sweep has reaped it.
+    past = await server_ms(ar) - 1
+    await ar.zadd(keys.running, {sid: past}, xx=True)
+    assert await raw("heartbeat", hb_keys, sid, claim.token, 5000) == [0]
+    assert await ar.zscore(keys.running, sid) == past
+    # Reaped: the old holder's heartbeat is refused, resurrects nothing.
     assert await compactor.reap(keys.shard) == [(sid, "queued")]
     assert await raw("heartbeat", hb_keys, sid, claim.token, 5000) == [0]
     assert await compactor.heartbeat(claim) is False

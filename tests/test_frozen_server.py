@@ -545,8 +545,8 @@ async def test_the_daemon_survives_a_freeze_while_it_holds_a_lease(
             after = await asyncio.to_thread(flag_session, store, "after-freeze")
             await until(compacted(store, "after-freeze"), 10, "a compaction after the freeze")
             assert_compacted(store, r, prefix, "after-freeze", after)
-            # The held session: its lease ran out during the freeze (and was extended once
-            # more by the heartbeat the frozen server ran when continued); then it was taken
+            # The held session: its lease ran out during the freeze (a heartbeat the frozen
+            # server runs when continued is refused: past the deadline); then it was taken
             # back and compacted again. Exactly one compaction landed: epoch 1, every
             # message either kept or folded into the summary, exact totals.
             await until(compacted(store, "held"), 3 * LEASE, "the held session's compaction")
