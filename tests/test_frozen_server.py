@@ -547,15 +547,57 @@ async def test_the_daemon_survives_a_freeze_while_it_holds_a_lease(
             assert_compacted(store, r, prefix, "after-freeze", after)
             # The held session: its lease ran out during the freeze (a heartbeat the frozen
             # server runs when continued is refused: past the deadline); then it was taken
-            # back and compacted again. Exactly one compaction landed: epoch 1, every
-            # message either kept or folded into the summary, exact totals.
+            # back, by a sweep (a lease expiry) or by the daemon's hand-back, whichever the
+            # server ran first, and compacted again. Exactly one compaction landed: epoch 1,
+            # every message either kept or folded into the summary, exact totals.
             await until(compacted(store, "held"), 3 * LEASE, "the held session's compaction")
             assert_compacted(store, r, prefix, "held", sent)
             meta = store.get_state("held").meta
             assert summarizer.calls["held"] == 2, summarizer.calls
-            assert meta.extra.get("lease_expiries") == "1", meta
+            assert meta.extra.get("lease_expiries") in ("1", None), meta
             assert not task.done()
             assert daemon.ready
+    finally:
+        store.close()
+        r.close()
+
+
+@pytest.mark.slow
+async def test_a_compaction_abandoned_in_a_short_freeze_is_handed_back_at_once(
+    private_server: RedisServer, notify: NotifyListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen mid-summary, shorter than the lease: the heartbeat gives up and the compaction
+    is abandoned. Once the server answers, the daemon hands the session back (release
+    "requeue" with its token) and compacts it again at once: it does not wait for the lease to
+    run out (nor for the longer one a late heartbeat, run when the server is continued, made
+    of it); no lease expires."""
+    prefix = "handback"
+    store = ConversationStore.from_url(
+        private_server.url, token_limit=TOKEN_LIMIT, encoding=ENCODING, prefix=prefix, shards=SHARDS
+    )
+    r = private_server.client()
+    summarizer = GatedSummarizer()
+    settings = daemon_settings(private_server.url, prefix)
+    try:
+        async with running_daemon(settings, notify, monkeypatch, summarizer) as (daemon, task, _):
+            sent = await asyncio.to_thread(flag_session, store, "held")
+            await asyncio.wait_for(summarizer.entered.wait(), 10)
+            registry = daemon.metrics.registry
+            errors = ("convstate_compactions_total", {"outcome": "error"})
+            with frozen(private_server):
+                deadline = time.monotonic() + LEASE
+                while not registry.get_sample_value(*errors):  # the heartbeat gave up
+                    assert time.monotonic() < deadline, "the heartbeat never gave up"
+                    await asyncio.sleep(0.05)
+                summarizer.release.set()  # the model answers from now on
+            thawed = time.monotonic()
+            await until(compacted(store, "held"), LEASE / 2, "the held session's compaction")
+            assert time.monotonic() - thawed < LEASE / 2
+            assert_compacted(store, r, prefix, "held", sent)
+            meta = store.get_state("held").meta
+            assert summarizer.calls["held"] == 2, summarizer.calls
+            assert "lease_expiries" not in meta.extra, meta  # handed back, not reaped
+            assert not task.done()
     finally:
         store.close()
         r.close()

@@ -14,9 +14,10 @@ Its connections time out after :func:`~convstate.timeouts.daemon_socket_timeout`
 for a lease under 30 s, so that a heartbeat fails, all tries included, a third of the lease
 before the lease would run out), with convstate's keepalive and retry
 (:mod:`convstate.timeouts`). A heartbeat that fails abandons its compaction, which writes
-nothing; the lease expires and the session is compacted again (a late swap would be fenced by
-the lease token anyway). The pub/sub connection, silent between wake-ups, is checked with a
-PING after that many seconds of silence: no answer within as many again and it is given up
+nothing; the daemon hands the session back as soon as the server answers (else the lease
+expires), and it is compacted again (a late swap would be fenced by the lease token anyway).
+The pub/sub connection, silent between wake-ups, is checked with a PING after that many
+seconds of silence: no answer within as many again and it is given up
 and reconnected, and the daemon is not ready (``/readyz`` 503) until it has subscribed again.
 ``/healthz`` and WATCHDOG=1 never wait for Redis (a restart would not help). Once the server
 answers again the daemon resubscribes, sweeps every shard and goes on; a failure that repeats
@@ -407,6 +408,7 @@ class Daemon:
         # primary; the next one starts once every cursor came back to 0.
         self._repair: dict[str, int] | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._handing_back: set[asyncio.Task[None]] = set()  # see _hand_back
         self.http: HealthServer | None = None
         self.started = asyncio.Event()
 
@@ -452,6 +454,42 @@ class Daemon:
         handle = loop.call_later(delay, fire)
         self._timers.add(handle)
 
+    def _hand_back_later(self, claim: Claim, shard: int, reason: str) -> None:
+        task = asyncio.create_task(
+            self._hand_back(claim, shard, reason), name=f"hand-back-{claim.session_id}"
+        )
+        self._handing_back.add(task)
+        task.add_done_callback(self._handing_back.discard)
+
+    async def _hand_back(self, claim: Claim, shard: int, reason: str) -> None:
+        """Hand back a session whose compaction a Redis error abandoned (a frozen or lost
+        server), as soon as Redis answers: release ``requeue`` with the claim's token. Else it
+        would wait for its lease to run out, and a heartbeat the server runs late (sent before
+        the deadline, run once the server is continued) extends that lease a whole lease more.
+        Tried every second for one lease at most; then the sweep reaps it anyway. A refusal
+        (the lease was reaped or taken over, or the abandoned swap had in fact committed)
+        ends it: nothing to hand back."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.compactor.config.lease_ms / 1000
+        while not self._stopping.is_set():
+            try:
+                await self.compactor.release(
+                    claim, "requeue", f"handed back after a Redis error: {reason}"
+                )
+            except LeaseLostError:
+                return
+            except _REDIS_ERRORS as exc:
+                if loop.time() >= give_up_at:
+                    log.info(
+                        "session %r not handed back (%s): its lease expires", claim.session_id, exc
+                    )
+                    return
+                await asyncio.sleep(1.0)
+                continue
+            log.info("session %r handed back after a Redis error", claim.session_id)
+            self.wake(shard)
+            return
+
     # -- tasks ---------------------------------------------------------------------------------
 
     async def _worker(self, state: _Worker) -> None:
@@ -486,12 +524,13 @@ class Daemon:
                 outcome = await self.compactor.compact(claim)
             except _REDIS_ERRORS as exc:
                 log.warning(
-                    "compaction of %r hit a Redis error: %s; the lease will expire "
-                    "and the session be retried",
+                    "compaction of %r hit a Redis error: %s; handing the session back once "
+                    "Redis answers (else the lease expires and it is retried)",
                     claim.session_id,
                     exc,
                 )
                 outcome = Outcome(claim.session_id, "error", note=str(exc))
+                self._hand_back_later(claim, shard, str(exc))
             except LeaseLostError as exc:  # a release refused: the lease was taken back, or
                 # this is redis-py's retry of a release whose first attempt ran (reply lost)
                 log.info("compaction of %r: %s", claim.session_id, exc)
@@ -754,9 +793,9 @@ class Daemon:
             await self._stopping.wait()
             await self._drain()
         finally:
-            for task in background:
+            for task in [*background, *self._handing_back]:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *self._handing_back, return_exceptions=True)
             for handle in self._timers:
                 handle.cancel()
             if install_signal_handlers:
