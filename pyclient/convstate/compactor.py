@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import re
 import secrets
 import shlex
@@ -67,11 +66,11 @@ from convstate.keys import KeySchema, SessionKeys
 from convstate.models import ShardStatus
 from convstate.operations import check_nesting, decode_record
 from convstate.planner import (
-    REFLAG_SHARE,
     CompactionPlan,
     CompactionPolicy,
     Uncompactable,
     plan_compaction,
+    reflag_margin,
 )
 from convstate.scripts import arun_script, script_source
 from convstate.summarizers import Summarizer, SummaryRequest
@@ -259,10 +258,9 @@ class Compactor:
         do not re-flag a session that cannot shrink yet. A ``retry`` that reaches
         ``max_attempts`` dead-letters the session and logs it once at WARNING."""
         delay = self.config.backoff_ms(claim.attempts + 1) if outcome == "retry" else 0
-        reflag_margin = 0
+        margin = 0
         if outcome == "idle":
-            default = max(1, math.floor(REFLAG_SHARE * claim.token_limit))
-            reflag_margin = max(1, default if grow_by is None else grow_by)
+            margin = max(1, reflag_margin(claim.token_limit) if grow_by is None else grow_by)
         reply = await self._script(
             "release",
             [claim.keys.queue, claim.keys.running, claim.keys.meta, claim.keys.dead],
@@ -273,7 +271,7 @@ class Compactor:
                 delay,
                 self.config.max_attempts,
                 note[:1000],
-                reflag_margin,
+                margin,
             ],
         )
         state = _text(reply)
@@ -490,19 +488,6 @@ class Compactor:
                 note=str(exc),
             )
         summary_ms = (time.perf_counter() - started) * 1000
-        summary_tokens = self.count_text(summary[0])
-        replaced = plan.previous_summary_tokens + plan.folded_tokens
-        if summary_tokens >= replaced:
-            # A compaction never grows a session: e.g. a forced fold of a few short turns,
-            # or a model that answers longer than what it was given. History kept as it is.
-            regrow = max(1, math.floor(REFLAG_SHARE * int(meta.get("token_limit", 1))))
-            reason = (
-                f"no gain: the summary ({summary_tokens} tokens) is not shorter than what it "
-                f"would replace ({len(plan.folded)} message(s) and the previous summary, "
-                f"{replaced} tokens); history kept"
-            )
-            no_gain = Uncompactable(reason, "no_gain", regrow)
-            return await self._give_up(claim, no_gain, tokens_before)
         return await self._swap(claim, plan, summary, summary_ms, tokens_before)
 
     async def _give_up(self, claim: Claim, plan: Uncompactable, tokens: int) -> Outcome:
@@ -608,6 +593,17 @@ class Compactor:
         record = self._summary_record(
             plan, text, model, summarizer, summary_ms, tokens_before, claim.epoch
         )
+        replaced = plan.previous_summary_tokens + plan.folded_tokens
+        if record["tokens"] >= replaced:
+            # A compaction never grows a session: e.g. a forced fold of a few short turns,
+            # or a model that answers longer than what it was given. History kept as it is.
+            reason = (
+                f"no gain: the summary ({record['tokens']} tokens) is not shorter than what it "
+                f"would replace ({len(plan.folded)} message(s) and the previous summary, "
+                f"{replaced} tokens); history kept"
+            )
+            no_gain = Uncompactable(reason, "no_gain", reflag_margin(claim.token_limit))
+            return await self._give_up(claim, no_gain, tokens_before)
         new_head = [
             json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in [*plan.system, record]
         ]

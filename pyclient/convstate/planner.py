@@ -92,6 +92,7 @@ __all__ = [
     "CompactionPolicy",
     "Uncompactable",
     "plan_compaction",
+    "reflag_margin",
 ]
 
 #: ``kind`` of the record holding a session's rolling summary.
@@ -112,6 +113,12 @@ KEEP_SHARE = 0.25
 #: An uncompactable session (too few turns, no turn boundary) is flagged again only once it
 #: has grown by this share of its limit (at least one token).
 REFLAG_SHARE = 0.1
+
+
+def reflag_margin(token_limit: int) -> int:
+    """Tokens a session of ``token_limit`` must grow by before a session left uncompactable
+    is flagged again: :data:`REFLAG_SHARE` of its limit, at least one."""
+    return max(1, math.floor(REFLAG_SHARE * token_limit))
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -336,7 +343,7 @@ def plan_compaction(
     keep = min(policy.keep_recent_tokens, keep_cap)
     summary_max = max(1, min(policy.max_summary_tokens, math.floor(SUMMARY_SHARE * token_limit)))
     budget = math.floor(policy.target_ratio * token_limit) - system_tokens - summary_max
-    regrow = max(1, math.floor(REFLAG_SHARE * token_limit))
+    regrow = reflag_margin(token_limit)
 
     if n == 0:
         return Uncompactable(
