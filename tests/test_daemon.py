@@ -1328,7 +1328,8 @@ async def test_a_huge_fold_never_stalls_the_daemon(
         )
         probe_thread = threading.Thread(target=probe.run, args=(stop,), daemon=True)
         probe_thread.start()
-        deadline = time.monotonic() + 60
+        fold_started = time.monotonic()
+        deadline = fold_started + 60
         while (await astore.get_state("huge")).meta.epoch < 2:  # folding, in steps
             assert not task.done(), "the daemon stopped"
             assert time.monotonic() < deadline, "no fold step in 60 s"
@@ -1356,6 +1357,7 @@ async def test_a_huge_fold_never_stalls_the_daemon(
             assert not task.done(), "the daemon stopped"
             assert time.monotonic() < deadline, f"fold not done: {state}"
             await asyncio.sleep(0.1)
+        fold_ended = time.monotonic()
     finally:
         stop.set()
         if probe_thread is not None:
@@ -1368,22 +1370,26 @@ async def test_a_huge_fold_never_stalls_the_daemon(
 
     final = (await astore.get_state("huge")).meta
     pings = [at for at, message in notify.received if "WATCHDOG=1" in message.splitlines()]
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    during = [at for at in pings if fold_started <= at <= fold_ended]
+    gaps = [b - a for a, b in itertools.pairwise([fold_started, *during, fold_ended])]
     lags.sort()
     figures = (
         f"loop lag max {lags[-1] * 1000:.0f} ms, p99 {lags[int(len(lags) * 0.99)] * 1000:.0f} "
         f"ms over {len(lags)} ticks; /healthz max {max(probe.health_seconds) * 1000:.0f} ms; "
         f"lease left min {min(probe.lease_left_ms, default=-1)} ms of {lease * 1000:.0f}; "
         f"flag -> claim {claims} ms; {len(pings)} WATCHDOG=1, largest gap "
-        f"{max(gaps, default=-1):.2f} s; {final.epoch} compactions, {final.token_count} tokens"
+        f"{max(gaps, default=-1):.2f} s over the {fold_ended - fold_started:.1f} s fold; "
+        f"{final.epoch} compactions, {final.token_count} tokens"
     )
     print(figures)
     assert still_folding, f"the fold ended before the other sessions were flagged: {figures}"
     assert lags[-1] < 0.5, figures
     assert not probe.errors, (probe.errors, figures)
     assert max(probe.health_seconds) < 1.0, figures
-    assert len(pings) >= 10, figures
-    assert max(gaps) < 1.0, figures  # the watchdog (1 s here) never starves
+    # WATCHDOG=1 throughout the fold, however long it took on this host: no stretch from its
+    # start to its end without a ping as long as the watchdog period (1 s here).
+    assert during, figures
+    assert max(gaps) < 1.0, figures
     assert probe.lease_left_ms, figures
     # Heartbeats every lease/3: the lease left never drops below 2/3 of it (0.5 s of slack).
     assert min(probe.lease_left_ms) >= lease * 1000 * 2 / 3 - 500, figures
