@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ from convstate.errors import (
     SessionNotFoundError,
 )
 from convstate.operations import DEFAULT_ID_WINDOW
-from convstate.planner import REFLAG_SHARE, CompactionPolicy, Uncompactable, plan_compaction
+from convstate.planner import CompactionPolicy, Uncompactable, plan_compaction, reflag_margin
 from convstate.summarizers import Summary, SummaryRequest
 from tests.servers import RedisServer
 
@@ -677,7 +676,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert outcome.status == "uncompactable", outcome
             assert outcome.note.startswith("no gain"), outcome
             model.state = "idle"
-            model.reflag_above = model.tokens + max(1, math.floor(REFLAG_SHARE * model.limit))
+            model.reflag_above = model.tokens + reflag_margin(model.limit)
             return
         assert outcome.status == "compacted", outcome
         head = model.records[: model.head_count]
